@@ -1,0 +1,167 @@
+//! Configuration from environment variables, parsed once into typed structs.
+//!
+//! Every variable has a default that works on a developer machine started
+//! with `deploy/local/up.sh`; README.md lists them all.
+
+use std::{fmt::Display, str::FromStr, time::Duration};
+
+/// A variable was set to something that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    name: String,
+    value: String,
+    reason: String,
+}
+
+/// Reads `name`, or `default` when it is unset or empty.
+pub fn var<T>(name: &str, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => {
+            value.trim().parse().map_err(|e: T::Err| ConfigError {
+                name: name.to_owned(),
+                value,
+                reason: e.to_string(),
+            })
+        }
+        _ => Ok(default),
+    }
+}
+
+/// Reads a duration given in milliseconds.
+pub fn millis(name: &str, default_ms: u64) -> Result<Duration, ConfigError> {
+    var(name, default_ms).map(Duration::from_millis)
+}
+
+/// PostgreSQL connection settings of one service.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    /// `DATABASE_URL`; the default names the service's own database.
+    pub url: String,
+    /// `DATABASE_MAX_CONNECTIONS` (default 10).
+    pub max_connections: u32,
+}
+
+impl DbConfig {
+    /// Reads `DATABASE_URL` (default `postgres://shop:shop@127.0.0.1:5432/<database>`).
+    pub fn from_env(database: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: var(
+                "DATABASE_URL",
+                format!("postgres://shop:shop@127.0.0.1:5432/{database}"),
+            )?,
+            max_connections: var("DATABASE_MAX_CONNECTIONS", 10)?,
+        })
+    }
+}
+
+/// Kafka settings of one service.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `KAFKA_BROKERS` (default `127.0.0.1:9092`).
+    pub brokers: String,
+    /// `KAFKA_TOPIC_PREFIX` (default empty): prepended to every topic name.
+    pub topic_prefix: String,
+    /// `KAFKA_GROUP_ID` (default: the service name).
+    pub group_id: String,
+    /// `KAFKA_PARTITIONS` (default 6): partitions of topics this service
+    /// creates when they are missing.
+    pub partitions: i32,
+    /// `KAFKA_CLIENT_ID` (default: the service name).
+    pub client_id: String,
+}
+
+impl KafkaConfig {
+    pub fn from_env(service: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers: var("KAFKA_BROKERS", "127.0.0.1:9092".to_owned())?,
+            topic_prefix: var("KAFKA_TOPIC_PREFIX", String::new())?,
+            group_id: var("KAFKA_GROUP_ID", service.to_owned())?,
+            partitions: var("KAFKA_PARTITIONS", 6)?,
+            client_id: var("KAFKA_CLIENT_ID", service.to_owned())?,
+        })
+    }
+
+    /// The full name of one of the pipeline's topics.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.topic_prefix)
+    }
+}
+
+/// Tuning of the outbox relay and the consume loop, shared by all services.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// `OUTBOX_BATCH_SIZE` (default 1000): events published per round.
+    pub outbox_batch_size: i64,
+    /// `OUTBOX_POLL_INTERVAL_MS` (default 200): how often the relay looks for
+    /// events when nobody woke it.
+    pub outbox_poll_interval: Duration,
+    /// `OUTBOX_RETENTION_SECS` (default 3600): published rows older than
+    /// this are pruned.
+    pub outbox_retention: Duration,
+    /// `CONSUMER_BATCH_SIZE` (default 500): records applied per transaction.
+    pub consumer_batch_size: usize,
+    /// `CONSUMER_MAX_ATTEMPTS` (default 5): tries of a failing record before
+    /// it is dead-lettered. Unavailable database or broker retries forever.
+    pub consumer_max_attempts: u32,
+    /// `HEALTH_CHECK_INTERVAL_MS` (default 1000).
+    pub health_interval: Duration,
+}
+
+impl PipelineConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            outbox_batch_size: var("OUTBOX_BATCH_SIZE", 1000)?,
+            outbox_poll_interval: millis("OUTBOX_POLL_INTERVAL_MS", 200)?,
+            outbox_retention: Duration::from_secs(var("OUTBOX_RETENTION_SECS", 3600)?),
+            consumer_batch_size: var("CONSUMER_BATCH_SIZE", 500)?,
+            consumer_max_attempts: var("CONSUMER_MAX_ATTEMPTS", 5)?,
+            health_interval: millis("HEALTH_CHECK_INTERVAL_MS", 1000)?,
+        })
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            outbox_batch_size: 1000,
+            outbox_poll_interval: Duration::from_millis(200),
+            outbox_retention: Duration::from_secs(3600),
+            consumer_batch_size: 500,
+            consumer_max_attempts: 5,
+            health_interval: Duration::from_millis(1000),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn var_falls_back_and_reports_bad_values() {
+        // Unique names: tests run in parallel within one process.
+        assert_eq!(var("SHOP_TEST_UNSET_VAR", 7u32).unwrap(), 7);
+        unsafe { std::env::set_var("SHOP_TEST_BAD_VAR", "seven") };
+        let err = var("SHOP_TEST_BAD_VAR", 7u32).unwrap_err().to_string();
+        assert!(err.contains("SHOP_TEST_BAD_VAR"), "{err}");
+        unsafe { std::env::set_var("SHOP_TEST_GOOD_VAR", " 42 ") };
+        assert_eq!(var("SHOP_TEST_GOOD_VAR", 7u32).unwrap(), 42);
+    }
+
+    #[test]
+    fn topic_prefix_applies() {
+        let cfg = KafkaConfig {
+            brokers: String::new(),
+            topic_prefix: "t1.".into(),
+            group_id: "g".into(),
+            partitions: 1,
+            client_id: "c".into(),
+        };
+        assert_eq!(cfg.topic("orders"), "t1.orders");
+    }
+}

@@ -1,0 +1,540 @@
+//! The at-least-once consume loop, written once for every service.
+//!
+//! ```text
+//! poll a batch ─► decode by `event-type` ─► one transaction:
+//!                                            record event ids (drop seen ones)
+//!                                            apply each new event
+//!                                          ─► commit ─► store offsets
+//! ```
+//!
+//! - Offsets are stored only after the transaction that applied the records
+//!   committed; librdkafka commits stored offsets in the background and once
+//!   more, synchronously, on shutdown. A crash redelivers, and the
+//!   `processed_events` table makes the redelivery change nothing.
+//! - A database that is unreachable is retried with backoff for as long as it
+//!   takes: the partition waits, nothing is skipped.
+//! - A record that cannot be decoded, or whose handler fails permanently (or
+//!   transiently more than `consumer_max_attempts` times), goes to
+//!   `<topic>.dlq` with the error in headers, and the partition moves on.
+//! - Records of types the service does not act on are skipped; records of
+//!   types nobody knows are logged and skipped (they may come from a newer
+//!   producer).
+//!
+//! The happy path applies a whole batch in one transaction. When a record in
+//! it fails, the batch is rolled back and replayed one record per
+//! transaction, which isolates the bad record without losing the others.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    time::Duration,
+};
+
+use rdkafka::{
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    message::{Header, Headers, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::{KafkaConfig, PipelineConfig},
+    db, kafka,
+    kafka::header,
+    outbox::Notifier,
+    retry::Backoff,
+};
+
+/// Where a record came from, handed to the handler with its event.
+#[derive(Clone, Debug)]
+pub struct EventMeta {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+}
+
+/// Why a payload could not be turned into an event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A type no version of this service knows: logged and skipped.
+    #[error("unknown event type {0:?}")]
+    UnknownType(String),
+    /// A known type whose bytes do not decode: dead-lettered.
+    #[error("cannot decode {event_type}: {source}")]
+    Malformed {
+        event_type: String,
+        source: prost::DecodeError,
+    },
+}
+
+/// How applying an event failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Will fail again on the same input: dead-letter it now.
+    #[error("{0}")]
+    Permanent(String),
+    /// Might succeed on retry (database unavailable, deadlock...).
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A service's domain, plugged into the loop.
+pub trait EventHandler: Send + Sync + 'static {
+    /// The service's decoded event (usually an enum of the types it acts on).
+    type Event: Send + Clone;
+
+    /// Decodes a payload by its `event-type`. `Ok(None)` means a known type
+    /// this service does not act on.
+    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<Self::Event>, DecodeError>;
+
+    /// Applies one event inside the batch's transaction. Everything it writes,
+    /// including outbox events, commits or rolls back with the batch.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        meta: &EventMeta,
+        event: Self::Event,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Decodes a prost message, mapping the error for [`EventHandler::decode`].
+pub fn decode_as<M: prost::Message + Default>(
+    event_type: &str,
+    payload: &[u8],
+) -> Result<M, DecodeError> {
+    M::decode(payload).map_err(|source| DecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        source,
+    })
+}
+
+/// Logs rebalances; partitions revoked mid-batch are handled by idempotence
+/// (a new owner redelivers, `processed_events` drops the duplicate).
+pub struct LoggingContext;
+
+impl ClientContext for LoggingContext {}
+
+impl ConsumerContext for LoggingContext {
+    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(rebalance = %describe(rebalance), "partitions being rebalanced");
+    }
+
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(rebalance = %describe(rebalance), "partitions rebalanced");
+    }
+}
+
+fn describe(rebalance: &Rebalance<'_>) -> String {
+    let list = |tpl: &TopicPartitionList| {
+        tpl.elements()
+            .iter()
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match rebalance {
+        Rebalance::Assign(tpl) => format!("assign [{}]", list(tpl)),
+        Rebalance::Revoke(tpl) => format!("revoke [{}]", list(tpl)),
+        Rebalance::Error(e) => format!("error {e}"),
+    }
+}
+
+/// Creates a consumer subscribed to `topics` (full names), with offsets
+/// stored by hand and committed by librdkafka in the background.
+pub fn subscribe(
+    cfg: &KafkaConfig,
+    topics: &[String],
+) -> Result<StreamConsumer<LoggingContext>, rdkafka::error::KafkaError> {
+    let consumer: StreamConsumer<LoggingContext> = kafka::base_config(cfg)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Fail over quickly when a group member dies (kill -9).
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .create_with_context(LoggingContext)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
+/// One record after header parsing and decoding.
+enum Decoded<E> {
+    Event(EventMeta, E),
+    Skip,
+    DeadLetter(String),
+}
+
+/// Runs the loop until `shutdown`: finishes the batch in hand, commits
+/// offsets synchronously, returns.
+pub struct ConsumeLoop<H: EventHandler> {
+    pub consumer: StreamConsumer<LoggingContext>,
+    pub handler: H,
+    pub pool: PgPool,
+    /// For dead letters (records are copied as they are, plus headers).
+    pub producer: FutureProducer,
+    /// Woken after each commit: handlers write outbox events.
+    pub outbox: Notifier,
+    pub group_id: String,
+    pub config: PipelineConfig,
+}
+
+impl<H: EventHandler> ConsumeLoop<H> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let batch = tokio::select! {
+                batch = self.next_batch() => batch,
+                _ = shutdown.cancelled() => break,
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            if self.process(&batch, &shutdown).await.is_err() {
+                break; // shut down mid-retry: leave these offsets unstored
+            }
+            self.store_offsets(&batch);
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            // NoOffset: nothing stored since the last commit.
+            tracing::debug!(error = %e, "final offset commit");
+        }
+        self.consumer.unsubscribe();
+        tracing::info!(group = %self.group_id, "consumer stopped");
+    }
+
+    /// Waits for one record, then takes whatever else is ready right away,
+    /// up to the batch size.
+    async fn next_batch(&self) -> Vec<OwnedMessage> {
+        let mut batch = Vec::new();
+        match self.consumer.recv().await {
+            Ok(m) => batch.push(m.detach()),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return batch;
+            }
+        }
+        while batch.len() < self.config.consumer_batch_size {
+            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    fn store_offsets(&self, batch: &[OwnedMessage]) {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for m in batch {
+            let e = next.entry((m.topic(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // Partitions revoked meanwhile: their new owner redelivers, and
+            // the redelivery is dropped as a duplicate.
+            tracing::info!(error = %e, "could not store offsets (rebalanced?)");
+        }
+    }
+
+    fn decode(&self, m: &OwnedMessage) -> Decoded<H::Event> {
+        let headers = m.headers();
+        let event_type = headers.and_then(|h| kafka::header_str(h, header::EVENT_TYPE));
+        let event_id = headers
+            .and_then(|h| kafka::header_str(h, header::EVENT_ID))
+            .and_then(|v| Uuid::parse_str(v).ok());
+        let (Some(event_type), Some(event_id)) = (event_type, event_id) else {
+            return Decoded::DeadLetter("missing or invalid event-type/event-id header".into());
+        };
+        let payload = m.payload().unwrap_or_default();
+        match self.handler.decode(event_type, payload) {
+            Ok(Some(event)) => Decoded::Event(
+                EventMeta {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    event_id,
+                    event_type: event_type.to_owned(),
+                },
+                event,
+            ),
+            Ok(None) => Decoded::Skip,
+            Err(DecodeError::UnknownType(t)) => {
+                tracing::warn!(event_type = %t, topic = m.topic(), offset = m.offset(), "skipping record of unknown event type");
+                Decoded::Skip
+            }
+            Err(e) => Decoded::DeadLetter(e.to_string()),
+        }
+    }
+
+    /// Applies a batch: all in one transaction when it can, otherwise one
+    /// record per transaction. Err only when shut down before finishing.
+    async fn process(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Result<(), Cancelled> {
+        let mut events = Vec::with_capacity(batch.len());
+        for m in batch {
+            match self.decode(m) {
+                Decoded::Event(meta, event) => events.push((m, meta, event)),
+                Decoded::Skip => {}
+                Decoded::DeadLetter(reason) => self.dead_letter(m, &reason, 1, shutdown).await?,
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        // Fast path: the whole batch in one transaction, retried while the
+        // database is unavailable.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let events = loop {
+            match self.apply_batch(events).await {
+                Ok(()) => {
+                    self.outbox.notify();
+                    return Ok(());
+                }
+                Err((returned, e)) if e.is_unavailable() => {
+                    events = returned;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "database unavailable; retrying batch");
+                    sleep_or_cancel(delay, shutdown).await?;
+                }
+                Err((returned, e)) => {
+                    tracing::info!(error = %e, "batch failed; replaying it record by record");
+                    break returned;
+                }
+            }
+        };
+        // Slow path: one record per transaction, to isolate the bad one.
+        for (m, meta, event) in events {
+            self.apply_one(m, meta, event, shutdown).await?;
+        }
+        self.outbox.notify();
+        Ok(())
+    }
+
+    /// Applies every event in one transaction. On failure, returns the events
+    /// so that the caller can retry them.
+    #[allow(clippy::type_complexity)]
+    async fn apply_batch<'m>(
+        &self,
+        events: Vec<(&'m OwnedMessage, EventMeta, H::Event)>,
+    ) -> Result<(), (Vec<(&'m OwnedMessage, EventMeta, H::Event)>, BatchError)> {
+        let attempt = async {
+            let mut tx = self.pool.begin().await?;
+            let metas: Vec<&EventMeta> = events.iter().map(|(_, meta, _)| meta).collect();
+            let mut fresh = record_processed(&mut tx, &metas).await?;
+            let mut duplicates: HashMap<&str, i64> = HashMap::new();
+            for (_, meta, event) in &events {
+                // `remove` also drops a second copy within the same batch.
+                if fresh.remove(&meta.event_id) {
+                    self.handler.apply(&mut tx, meta, event.clone()).await?;
+                } else {
+                    *duplicates.entry(meta.topic.as_str()).or_default() += 1;
+                }
+            }
+            for (topic, n) in duplicates {
+                count(&mut tx, topic, "duplicates_suppressed", n).await?;
+                tracing::info!(topic, duplicates = n, "dropped already-processed events");
+            }
+            tx.commit().await?;
+            Ok::<(), BatchError>(())
+        };
+        match attempt.await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((events, e)),
+        }
+    }
+
+    /// Applies one event in its own transaction, retrying transient failures
+    /// and dead-lettering permanent ones.
+    async fn apply_one(
+        &self,
+        m: &OwnedMessage,
+        meta: EventMeta,
+        event: H::Event,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failures = 0;
+        loop {
+            let attempt = async {
+                let mut tx = self.pool.begin().await?;
+                if record_processed(&mut tx, &[&meta]).await?.is_empty() {
+                    count(&mut tx, &meta.topic, "duplicates_suppressed", 1).await?;
+                } else {
+                    self.handler.apply(&mut tx, &meta, event.clone()).await?;
+                }
+                tx.commit().await?;
+                Ok::<(), BatchError>(())
+            };
+            let error = match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if error.is_unavailable() {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %error, ?delay, "database unavailable; retrying record");
+                sleep_or_cancel(delay, shutdown).await?;
+                continue;
+            }
+            failures += 1;
+            if error.is_permanent() || failures >= self.config.consumer_max_attempts {
+                tracing::error!(error = %error, topic = %meta.topic, offset = meta.offset, event_id = %meta.event_id, "dead-lettering record");
+                return self.dead_letter(m, &error.to_string(), failures, shutdown).await;
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %error, attempt = failures, ?delay, "record failed; retrying");
+            sleep_or_cancel(delay, shutdown).await?;
+        }
+    }
+
+    /// Copies the record to `<topic>.dlq` with the error in headers, waiting
+    /// for the broker to take it (retrying while it is unreachable).
+    async fn dead_letter(
+        &self,
+        m: &OwnedMessage,
+        error: &str,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        let dlq = crate::topics::dlq(m.topic());
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        let attempts_s = attempts.to_string();
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = m.headers() {
+            for h in original.iter().filter(|h| !h.key.starts_with("dlq-")) {
+                headers = headers.insert(h);
+            }
+        }
+        for (key, value) in [
+            (header::DLQ_SOURCE_TOPIC, m.topic()),
+            (header::DLQ_SOURCE_PARTITION, partition.as_str()),
+            (header::DLQ_SOURCE_OFFSET, offset.as_str()),
+            (header::DLQ_ERROR, error),
+            (header::DLQ_ATTEMPTS, attempts_s.as_str()),
+            (header::DLQ_CONSUMER_GROUP, self.group_id.as_str()),
+        ] {
+            headers = headers.insert(Header { key, value: Some(value) });
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let mut record = FutureRecord::to(&dlq).headers(headers.clone());
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = m.payload() {
+                record = record.payload(payload);
+            }
+            match self.producer.send(record, Duration::from_secs(10)).await {
+                Ok(_) => break,
+                Err((e, _)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, %dlq, "dead-letter publish failed; retrying");
+                    sleep_or_cancel(delay, shutdown).await?;
+                }
+            }
+        }
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "record dead-lettered");
+        // Best effort: the DLQ topic itself is the record of truth.
+        let mut backoff = Backoff::default();
+        for _ in 0..3 {
+            match self.pool.acquire().await {
+                Ok(mut conn) => {
+                    if count(&mut conn, m.topic(), "dead_lettered", 1).await.is_ok() {
+                        break;
+                    }
+                }
+                Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records the events as processed; returns the ids that were new.
+async fn record_processed(
+    conn: &mut PgConnection,
+    metas: &[&EventMeta],
+) -> sqlx::Result<HashSet<Uuid>> {
+    let ids: Vec<Uuid> = metas.iter().map(|m| m.event_id).collect();
+    let types: Vec<&str> = metas.iter().map(|m| m.event_type.as_str()).collect();
+    let topics: Vec<&str> = metas.iter().map(|m| m.topic.as_str()).collect();
+    let partitions: Vec<i32> = metas.iter().map(|m| m.partition).collect();
+    let offsets: Vec<i64> = metas.iter().map(|m| m.offset).collect();
+    let fresh: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO processed_events (event_id, event_type, topic, partition, kafka_offset)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[])
+         ON CONFLICT (event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(conn)
+    .await?;
+    Ok(fresh.into_iter().collect())
+}
+
+async fn count(conn: &mut PgConnection, topic: &str, name: &str, by: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO consumer_counters (topic, name, value) VALUES ($1, $2, $3)
+         ON CONFLICT (topic, name) DO UPDATE SET value = consumer_counters.value + EXCLUDED.value",
+    )
+    .bind(topic)
+    .bind(name)
+    .bind(by)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Shutdown arrived while waiting to retry.
+#[derive(Debug)]
+struct Cancelled;
+
+async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> Result<(), Cancelled> {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => Ok(()),
+        _ = shutdown.cancelled() => Err(Cancelled),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+}
+
+impl BatchError {
+    fn sqlx(&self) -> Option<&sqlx::Error> {
+        match self {
+            BatchError::Db(e) | BatchError::Handler(HandlerError::Db(e)) => Some(e),
+            BatchError::Handler(HandlerError::Permanent(_)) => None,
+        }
+    }
+
+    fn is_unavailable(&self) -> bool {
+        self.sqlx().is_some_and(db::is_unavailable)
+    }
+
+    fn is_permanent(&self) -> bool {
+        self.sqlx().is_none_or(|e| !db::is_transient(e))
+    }
+}

@@ -1,0 +1,54 @@
+//! The gRPC server every service runs: its own API plus `grpc.health.v1`
+//! and server reflection (v1 and v1alpha, from the embedded descriptor set),
+//! so that grpcurl and grpc-health-probe work without proto files.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::Router};
+use tonic_health::server::HealthReporter;
+
+/// Builds a router with health and reflection; add the service's own API to
+/// it. The reporter starts NOT_SERVING until [`crate::health::monitor`] has
+/// checked the dependencies.
+pub fn router() -> (Router, HealthReporter) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor set is valid");
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    (router, reporter)
+}
+
+/// Binds `addr` (port 0 picks a free port); returns the listener and the
+/// address it really got.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Serves until `shutdown`, then stops accepting and lets in-flight calls
+/// finish.
+pub async fn serve(router: Router, listener: TcpListener, shutdown: CancellationToken) {
+    let incoming = TcpListenerStream::new(listener);
+    if let Err(e) = router
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+    tracing::info!("gRPC server stopped");
+}

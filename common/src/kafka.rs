@@ -1,0 +1,141 @@
+//! Kafka clients configured the way the delivery rules need them, the
+//! record headers every event carries, and topic creation.
+
+use std::time::Duration;
+
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    error::RDKafkaErrorCode,
+    message::{Header, Headers, OwnedHeaders},
+    producer::FutureProducer,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{config::KafkaConfig, retry::Backoff};
+
+/// Header names of the event contract (see DESIGN.md, Contracts).
+pub mod header {
+    pub const EVENT_TYPE: &str = "event-type";
+    pub const EVENT_ID: &str = "event-id";
+    pub const CONTENT_TYPE: &str = "content-type";
+    pub const PROTOBUF: &str = "application/x-protobuf";
+    pub const DLQ_SOURCE_TOPIC: &str = "dlq-source-topic";
+    pub const DLQ_SOURCE_PARTITION: &str = "dlq-source-partition";
+    pub const DLQ_SOURCE_OFFSET: &str = "dlq-source-offset";
+    pub const DLQ_ERROR: &str = "dlq-error";
+    pub const DLQ_ATTEMPTS: &str = "dlq-attempts";
+    pub const DLQ_CONSUMER_GROUP: &str = "dlq-consumer-group";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error(transparent)]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("shut down while waiting for the broker")]
+    Cancelled,
+}
+
+/// Settings shared by every client of this service.
+pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        // Loopback brokers: resolve "localhost" to IPv4 first.
+        .set("broker.address.family", "v4");
+    c
+}
+
+/// An idempotent producer: `acks=all` and `enable.idempotence` so that
+/// librdkafka's own retries never duplicate or reorder records of a
+/// partition. Small linger and lz4 batch the outbox relay's rounds.
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    Ok(base_config(cfg)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000")
+        .create()?)
+}
+
+/// The headers of an event record: type, id and content type.
+pub fn event_headers(event_type: &str, event_id: &Uuid) -> OwnedHeaders {
+    let id = event_id.to_string();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: header::EVENT_TYPE,
+            value: Some(event_type),
+        })
+        .insert(Header {
+            key: header::EVENT_ID,
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: header::CONTENT_TYPE,
+            value: Some(header::PROTOBUF),
+        })
+}
+
+/// The first value of header `key`, if it is valid UTF-8.
+pub fn header_str<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Creates the pipeline's topics and their dead-letter topics if missing,
+/// waiting (with backoff) for the broker to be reachable.
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    names: &[&str],
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(cfg).create()?;
+    let full: Vec<String> = names
+        .iter()
+        .flat_map(|n| [cfg.topic(n), crate::topics::dlq(&cfg.topic(n))])
+        .collect();
+    let topics: Vec<NewTopic> = full
+        .iter()
+        .map(|n| NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let outcome = tokio::select! {
+            r = admin.create_topics(&topics, &options) => r,
+            _ = shutdown.cancelled() => return Err(KafkaError::Cancelled),
+        };
+        let retry = match outcome {
+            Ok(results) => {
+                let mut retry = false;
+                for result in results {
+                    match result {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => {
+                            tracing::warn!(%topic, ?code, "could not create topic; retrying");
+                            retry = true;
+                        }
+                    }
+                }
+                retry
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "broker unreachable; retrying topic creation");
+                true
+            }
+        };
+        if !retry {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return Err(KafkaError::Cancelled),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! What every service of the order pipeline shares.
+//!
+//! The delivery rules of the system live here, written once, so that the
+//! services plug in nothing but their domain:
+//!
+//! - [`outbox`]: the transactional outbox. A service writes its state change
+//!   and the events it causes in one transaction ([`outbox::enqueue`]); the
+//!   [`outbox::Relay`] publishes them in batches with an idempotent producer
+//!   and marks them sent.
+//! - [`consumer`]: the at-least-once consume loop. Poll a batch, decode by the
+//!   `event-type` header, apply in one transaction that also records every
+//!   `event_id` as processed, then store offsets. Transient failures retry
+//!   with backoff; undecodable or permanently failing records go to
+//!   `<topic>.dlq`.
+//! - [`health`]: `grpc.health.v1` status that follows the database and the
+//!   broker; [`grpc`]: the server with health and reflection built in.
+//! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
+//!   [`rest`]: plumbing with documented defaults.
+
+pub mod catalog;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod grpc;
+pub mod health;
+pub mod kafka;
+pub mod outbox;
+pub mod rest;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+pub mod topics;

@@ -1,0 +1,237 @@
+//! The transactional outbox.
+//!
+//! A service never publishes directly: it calls [`enqueue`] inside the
+//! transaction that changes its state, so the event exists if and only if
+//! the change committed. The [`Relay`] then publishes pending rows in id
+//! order with the idempotent producer and marks them published in the same
+//! transaction that read them. A crash before marking republishes the batch;
+//! consumers drop the duplicates by `event_id`.
+//!
+//! Only one relay per database publishes at a time (a transaction-scoped
+//! advisory lock), which keeps each key's events in commit order even when a
+//! service runs several replicas.
+
+use std::{sync::Arc, time::Duration};
+
+use prost::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use shop_proto::EventName;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{config::PipelineConfig, kafka, retry::Backoff};
+
+/// Arbitrary constant naming the relay's advisory lock.
+const RELAY_LOCK: i64 = 0x5348_4f50_4f55_5442; // "SHOPOUTB"
+
+/// One event to publish.
+#[derive(Clone, Debug)]
+pub struct OutboxEvent {
+    pub topic: String,
+    pub key: String,
+    pub event_type: &'static str,
+    pub event_id: Uuid,
+    pub payload: Vec<u8>,
+}
+
+impl OutboxEvent {
+    /// Encodes `message` for `topic`, keyed by `key` (the customer id).
+    pub fn new<M: Message + EventName>(
+        topic: String,
+        key: &str,
+        event_id: Uuid,
+        message: &M,
+    ) -> Self {
+        Self {
+            topic,
+            key: key.to_owned(),
+            event_type: M::EVENT_TYPE,
+            event_id,
+            payload: message.encode_to_vec(),
+        }
+    }
+}
+
+/// Writes events into the outbox on the caller's transaction, in order.
+pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    // WITH ORDINALITY keeps the caller's order in the bigserial ids.
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, event_type, event_id, payload)
+         SELECT topic, key, event_type, event_id, payload
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[])
+              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload, n)
+         ORDER BY n",
+    )
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&payloads)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Wakes the relay right after a commit, so events leave without waiting for
+/// the next poll interval.
+#[derive(Clone, Debug, Default)]
+pub struct Notifier(Arc<Notify>);
+
+impl Notifier {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("publish: {0}")]
+    Publish(#[from] rdkafka::error::KafkaError),
+}
+
+/// Publishes the outbox of one database.
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    notifier: Notifier,
+    batch_size: i64,
+    poll_interval: Duration,
+    retention: Duration,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, producer: FutureProducer, cfg: &PipelineConfig) -> Self {
+        Self {
+            pool,
+            producer,
+            notifier: Notifier::default(),
+            batch_size: cfg.outbox_batch_size,
+            poll_interval: cfg.outbox_poll_interval,
+            retention: cfg.outbox_retention,
+        }
+    }
+
+    /// A handle for writers to wake this relay after they commit.
+    pub fn notifier(&self) -> Notifier {
+        self.notifier.clone()
+    }
+
+    /// Publishes until `shutdown`, then drains what is pending (best effort)
+    /// and flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            match self.drain().await {
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "outbox relay failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+            if last_prune.elapsed() >= self.retention.min(Duration::from_secs(60)) {
+                last_prune = tokio::time::Instant::now();
+                match self.prune().await {
+                    Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned published outbox rows"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
+                }
+            }
+            tokio::select! {
+                _ = self.notifier.0.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if let Err(e) = self.drain().await {
+            tracing::warn!(error = %e, "final outbox drain failed; events stay pending");
+        }
+        if let Err(e) = self.producer.flush(Duration::from_secs(10)) {
+            tracing::warn!(error = %e, "producer flush on shutdown failed");
+        }
+        tracing::info!("outbox relay stopped");
+    }
+
+    /// Publishes batches until none is full.
+    async fn drain(&self) -> Result<u64, RelayError> {
+        let mut total = 0;
+        loop {
+            let n = self.publish_batch().await?;
+            total += n;
+            if (n as i64) < self.batch_size {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One round: lock, read a batch, publish it all, await every delivery,
+    /// mark the batch published, commit. Returns how many were published.
+    async fn publish_batch(&self) -> Result<u64, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(0); // another replica's relay is publishing
+        }
+        let rows: Vec<(i64, String, String, String, Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, topic, key, event_type, event_id, payload FROM outbox
+             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // Enqueue the whole batch before awaiting: librdkafka batches per
+        // partition, and idempotence keeps the per-partition order.
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (_, topic, key, event_type, event_id, payload) in &rows {
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(kafka::event_headers(event_type, event_id));
+            deliveries.push(self.producer.send(record, Duration::from_secs(30)));
+        }
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.map_err(|(e, _)| e)?;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn prune(&self) -> sqlx::Result<u64> {
+        let retention_secs = self.retention.as_secs_f64();
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE published_at IS NOT NULL
+             AND published_at < now() - make_interval(secs => $1)",
+        )
+        .bind(retention_secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

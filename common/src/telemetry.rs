@@ -1,0 +1,17 @@
+//! Logging with `tracing`: human-readable by default, JSON lines with
+//! `LOG_FORMAT=json` (production, log shippers). Filter with `RUST_LOG`.
+
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Installs the global subscriber once; later calls (tests) are no-ops.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,h2=warn,tower=warn"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = if json {
+        registry.with(fmt::layer().json().flatten_event(true)).try_init()
+    } else {
+        registry.with(fmt::layer()).try_init()
+    };
+}

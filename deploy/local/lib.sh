@@ -1,0 +1,126 @@
+# shellcheck shell=bash
+# Shared settings and helpers for the local runner scripts (deploy/local/*.sh).
+# Sourced, never executed: it sets variables and functions in the caller's shell.
+
+# Repo root, derived from this file's location so the scripts work from any cwd and any clone.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export REPO
+
+# Kafka jars and go-installed tools are slow to fetch and identical across clones,
+# so they live outside the work tree and are reused (CI runs in a fresh clone each time).
+SHOP_CACHE_DIR="${SHOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shop-pipeline}"
+# Per-clone runtime state: pid files, logs, Kafka's data directory.
+SHOP_STATE_DIR="${SHOP_STATE_DIR:-$REPO/.run}"
+export SHOP_CACHE_DIR SHOP_STATE_DIR
+
+# 4.1.1 resolves from Maven Central here (checked); 4.4.0 is the fallback named in the plan.
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:${KAFKA_PORT}}"
+export KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_BROKERS
+
+mkdir -p "$SHOP_CACHE_DIR/bin" "$SHOP_STATE_DIR/pids" "$SHOP_STATE_DIR/logs"
+case ":$PATH:" in
+  *":$SHOP_CACHE_DIR/bin:"*) ;;
+  *) PATH="$SHOP_CACHE_DIR/bin:$PATH" ;;
+esac
+export PATH
+
+# log MSG... — progress to stderr so stdout stays usable for data.
+log() {
+  printf '==> %s\n' "$*" >&2
+}
+
+# die MSG... — print an error and exit non-zero.
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# wait_for [--pid PID] DESCRIPTION TIMEOUT_SECONDS LOGFILE CMD [ARGS...]
+# Polls CMD (its output discarded) every 0.5 s until it succeeds or the deadline passes.
+# With --pid, fails at once if that process exits meanwhile (a crashed server, not a slow one).
+# On failure prints the tail of LOGFILE (pass "" when there is none) so the cause shows.
+wait_for() {
+  local pid=""
+  if [[ "${1:-}" == --pid ]]; then
+    pid="$2"
+    shift 2
+  fi
+  local what="$1" timeout="$2" logfile="$3"
+  shift 3
+  log "waiting for ${what} (up to ${timeout}s)"
+  local deadline=$((SECONDS + timeout)) why=""
+  until "$@" >/dev/null 2>&1; do
+    if [[ -n "$pid" ]] && ! proc_alive "$pid"; then
+      why="process $pid exited while waiting for ${what}"
+    elif ((SECONDS >= deadline)); then
+      why="timed out after ${timeout}s waiting for ${what}"
+    else
+      sleep 0.5
+      continue
+    fi
+    printf 'error: %s\n' "$why" >&2
+    if [[ -n "$logfile" && -f "$logfile" ]]; then
+      printf -- '--- last lines of %s ---\n' "$logfile" >&2
+      tail -n 30 "$logfile" >&2
+      printf -- '---\n' >&2
+    fi
+    return 1
+  done
+}
+
+# proc_alive PID — true if PID runs and is not a zombie. PID 1 on these machines is not
+# an init that reaps orphans, so a killed daemon can linger as a zombie that `kill -0` still sees.
+proc_alive() {
+  local pid="$1" state
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  # Field 3 of /proc/PID/stat is the state; the command name (field 2) may hold spaces,
+  # so cut at the last ')'.
+  state="$(sed -e 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+  [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
+# pid_alive PIDFILE — true if PIDFILE names a running process.
+pid_alive() {
+  local pidfile="$1" pid
+  [[ -f "$pidfile" ]] || return 1
+  pid="$(cat "$pidfile" 2>/dev/null || true)"
+  proc_alive "$pid"
+}
+
+# stop_pidfile NAME PIDFILE [TIMEOUT] — SIGTERM the process, wait up to TIMEOUT s, then SIGKILL.
+# Removes the pid file. Quietly does nothing when the process is not running.
+stop_pidfile() {
+  local name="$1" pidfile="$2" timeout="${3:-30}" pid
+  if ! pid_alive "$pidfile"; then
+    rm -f "$pidfile"
+    return 0
+  fi
+  pid="$(cat "$pidfile")"
+  log "stopping ${name} (pid ${pid})"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + timeout))
+  while proc_alive "$pid"; do
+    if ((SECONDS >= deadline)); then
+      log "${name} did not exit within ${timeout}s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.5
+  done
+  # SIGKILL is asynchronous: wait (bounded) until the process is really gone.
+  local i
+  for ((i = 0; i < 50; i++)); do
+    proc_alive "$pid" || break
+    sleep 0.2
+  done
+  rm -f "$pidfile"
+}
+
+# port_open HOST PORT — true if something accepts TCP connections there (bash /dev/tcp, no nc needed).
+port_open() {
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}

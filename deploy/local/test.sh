@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): starts PostgreSQL and Kafka if they are
+# not running (installing them on a fresh machine), checks formatting and
+# lints, then runs every test of the workspace against the real servers.
+#
+# usage: deploy/local/test.sh [extra cargo test args...]
+#   env: CARGO_TARGET_DIR (default $SHOP_CACHE_DIR/target, shared by clones)
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+here="$REPO/deploy/local"
+cd "$REPO"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SHOP_CACHE_DIR/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+"$here/postgres.sh" start
+"$here/kafka.sh" start
+
+# Each test creates its own databases (t_<id>_*); drop those of earlier runs.
+log "dropping test databases left by earlier runs"
+psql -qAt "postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/postgres" \
+  -c "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'" |
+  while read -r db; do
+    psql -q "postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/postgres" \
+      -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
+  done
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "cargo test (first build compiles librdkafka and takes several minutes)"
+cargo test --workspace "$@"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the gRPC client tools used by tests and load tests into $SHOP_CACHE_DIR/bin (on PATH
+# for every script that sources lib.sh), built from source with `go install`. Skips tools that
+# are already there, so only the first run on a machine pays for the build.
+#
+# usage: deploy/local/tools.sh [grpcurl|ghz|grpc-health-probe ...]   (no argument: all)
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# name -> module path@version; all build on Go 1.26 here (checked: grpcurl @latest = v1.9.4,
+# grpc-health-probe @latest = v0.4.62).
+# ghz is pinned: the module proxy's version list for it holds only v0.93.0 (2021, grpc-go 1.34),
+# so @latest silently picks that; v0.120.0 (2024) is served when asked for by name and builds.
+declare -A TOOL_PKG=(
+  [grpcurl]="github.com/fullstorydev/grpcurl/cmd/grpcurl@latest"
+  [ghz]="github.com/bojand/ghz/cmd/ghz@v0.120.0"
+  [grpc-health-probe]="github.com/grpc-ecosystem/grpc-health-probe@latest"
+)
+ALL_TOOLS=(grpcurl ghz grpc-health-probe)
+
+command -v go >/dev/null || die "go is not on PATH (needed to build the gRPC tools)"
+
+tools=("$@")
+((${#tools[@]} > 0)) || tools=("${ALL_TOOLS[@]}")
+
+for tool in "${tools[@]}"; do
+  [[ -n "${TOOL_PKG[$tool]:-}" ]] || die "unknown tool '$tool' (known: ${ALL_TOOLS[*]})"
+  if [[ -x "$SHOP_CACHE_DIR/bin/$tool" ]]; then
+    log "$tool already installed ($SHOP_CACHE_DIR/bin/$tool)"
+    continue
+  fi
+  log "building $tool with go install ${TOOL_PKG[$tool]} (first run only, ~30 s each)"
+  # GOFLAGS=-buildvcs=false: the module cache has no VCS metadata to stamp anyway.
+  GOBIN="$SHOP_CACHE_DIR/bin" GOFLAGS=-buildvcs=false go install "${TOOL_PKG[$tool]}" ||
+    die "go install ${TOOL_PKG[$tool]} failed"
+  [[ -x "$SHOP_CACHE_DIR/bin/$tool" ]] || die "$tool not found in $SHOP_CACHE_DIR/bin after go install"
+done
+log "tools ready in $SHOP_CACHE_DIR/bin: ${tools[*]}"

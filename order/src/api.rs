@@ -1,0 +1,81 @@
+//! The order API's behaviour, shared by the gRPC service and the REST shim
+//! so that both validate, price and store orders the same way.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use sha2::{Digest, Sha256};
+use shop_proto::order::{CreateOrderRequest, Order};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    domain::{self, Invalid, NewOrder, Price},
+    error::OrderError,
+    store,
+};
+
+/// Longest accepted idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
+#[derive(Clone)]
+pub struct OrderApi {
+    pub pool: PgPool,
+    pub catalog: Arc<BTreeMap<String, Price>>,
+    pub orders_topic: String,
+    pub deadline: Duration,
+    pub outbox: common::outbox::Notifier,
+}
+
+impl OrderApi {
+    /// Validates, prices and stores an order; publishes `OrderCreated`
+    /// through the outbox.
+    pub async fn create(&self, req: &CreateOrderRequest) -> Result<Order, OrderError> {
+        let new = domain::validate(req)?;
+        let (lines, currency, total) = domain::price(&new, &self.catalog)?;
+        let key = req.idempotency_key.trim();
+        if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(Invalid(format!(
+                "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LEN} characters"
+            ))
+            .into());
+        }
+        let hash = request_hash(&new);
+        let order = store::create_order(
+            &self.pool,
+            store::Insert {
+                customer_id: &new.customer_id,
+                lines: &lines,
+                currency: &currency,
+                total,
+                idempotency: (!key.is_empty()).then_some((key, hash.as_slice())),
+                deadline: self.deadline,
+                orders_topic: self.orders_topic.clone(),
+            },
+        )
+        .await?;
+        self.outbox.notify();
+        Ok(order)
+    }
+
+    pub async fn get(&self, order_id: &str) -> Result<Order, OrderError> {
+        let id = Uuid::parse_str(order_id.trim())
+            .map_err(|_| Invalid(format!("order_id {order_id:?} is not a UUID")))?;
+        let mut conn = self.pool.acquire().await?;
+        store::load(&mut conn, id)
+            .await?
+            .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))
+    }
+}
+
+/// What makes two requests "the same" for an idempotency key: the customer
+/// and the normalised lines.
+fn request_hash(order: &NewOrder) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(order.customer_id.as_bytes());
+    for (product, quantity) in &order.lines {
+        h.update([0]);
+        h.update(product.as_bytes());
+        h.update(quantity.to_be_bytes());
+    }
+    h.finalize().to_vec()
+}

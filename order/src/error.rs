@@ -1,0 +1,42 @@
+//! The order service's errors, mapped once to `tonic::Status` (and from
+//! there to HTTP by `common::rest`). Internal details are logged, never sent.
+
+use tonic::Status;
+
+use crate::domain::{Invalid, PricingError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Pricing(#[from] PricingError),
+    #[error("order {0} not found")]
+    NotFound(String),
+    #[error("idempotency key {0:?} was already used for a different request")]
+    IdempotencyConflict(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<OrderError> for Status {
+    fn from(e: OrderError) -> Self {
+        match e {
+            OrderError::Invalid(i) => Status::invalid_argument(i.0),
+            OrderError::Pricing(PricingError::UnknownProduct(p)) => {
+                Status::not_found(format!("unknown product {p}"))
+            }
+            OrderError::Pricing(p) => Status::invalid_argument(p.to_string()),
+            OrderError::NotFound(_) => Status::not_found(e.to_string()),
+            OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
+            OrderError::Db(db) if common::db::is_unavailable(&db) => {
+                tracing::warn!(error = %db, "database unavailable");
+                Status::unavailable("database unavailable; retry later")
+            }
+            OrderError::Db(db) => {
+                tracing::error!(error = %db, "database error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

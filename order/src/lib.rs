@@ -1,0 +1,163 @@
+//! The order service: intake over gRPC and REST, the catalog, and the
+//! order's side of the saga.
+//!
+//! - [`domain`]: validation, pricing and the status decision (pure).
+//! - [`store`]: the orders database; writes enqueue events in the outbox.
+//! - [`api`]: the behaviour both front ends share; [`grpc`] and [`rest`]
+//!   are thin adapters over it; [`error`] maps failures to status codes.
+//! - [`saga`]: consumes `payments` and `inventory`, decides CONFIRMED or
+//!   CANCELLED, and cancels orders past their deadline.
+//! - [`Application`]: wires it together on the shared plumbing of `common`.
+
+pub mod api;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod rest;
+pub mod saga;
+pub mod store;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use common::{
+    config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
+    consumer::{self, ConsumeLoop},
+    health,
+    service::{Infra, StartError, Supervisor},
+    topics,
+};
+use shop_proto::order::order_service_server::{OrderServiceServer, SERVICE_NAME};
+use tokio_util::sync::CancellationToken;
+
+/// Everything the order service reads from the environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `GRPC_ADDR` (default `0.0.0.0:50051`).
+    pub grpc_addr: SocketAddr,
+    /// `HTTP_ADDR` (default `0.0.0.0:8081`): the REST shim.
+    pub http_addr: SocketAddr,
+    /// `ORDER_DEADLINE_SECS` (default 30): a PENDING order older than this is
+    /// cancelled and compensated.
+    pub deadline: Duration,
+    /// `ORDER_SWEEP_INTERVAL_MS` (default 1000): how often to look for them.
+    pub sweep_interval: Duration,
+    pub db: DbConfig,
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            grpc_addr: config::var("GRPC_ADDR", ([0, 0, 0, 0], 50051).into())?,
+            http_addr: config::var("HTTP_ADDR", ([0, 0, 0, 0], 8081).into())?,
+            deadline: Duration::from_secs(config::var("ORDER_DEADLINE_SECS", 30)?),
+            sweep_interval: config::millis("ORDER_SWEEP_INTERVAL_MS", 1000)?,
+            db: DbConfig::from_env("orders")?,
+            kafka: KafkaConfig::from_env("order")?,
+            pipeline: PipelineConfig::from_env()?,
+        })
+    }
+}
+
+/// A built, bound, not yet running order service.
+pub struct Application {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    supervisor: Supervisor,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects, migrates, seeds the catalog, binds both ports and spawns
+    /// every task; [`Application::run`] waits for shutdown.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        let infra = Infra::connect(
+            &config.db,
+            config.kafka.clone(),
+            config.pipeline.clone(),
+            &sqlx::migrate!("./migrations"),
+            &shutdown,
+        )
+        .await?;
+        store::seed_catalog(&infra.pool).await?;
+        let catalog = store::load_catalog(&infra.pool).await?;
+        let relay = infra.relay();
+        let notifier = relay.notifier();
+        let supervisor = Supervisor::new(relay);
+        let orders_topic = config.kafka.topic(topics::ORDERS);
+        let api = api::OrderApi {
+            pool: infra.pool.clone(),
+            catalog: Arc::new(catalog),
+            orders_topic: orders_topic.clone(),
+            deadline: config.deadline,
+            outbox: notifier.clone(),
+        };
+
+        let (router, reporter) = common::grpc::router();
+        let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
+        let (grpc_listener, grpc_addr) = common::grpc::bind(config.grpc_addr)
+            .await
+            .map_err(|source| StartError::Bind { what: "GRPC_ADDR", source })?;
+        let (http_listener, http_addr) = common::grpc::bind(config.http_addr)
+            .await
+            .map_err(|source| StartError::Bind { what: "HTTP_ADDR", source })?;
+
+        supervisor.spawn(common::grpc::serve(router, grpc_listener, shutdown.clone()));
+        let http_shutdown = shutdown.clone();
+        supervisor.spawn(async move {
+            let server = axum::serve(http_listener, rest::router(api))
+                .with_graceful_shutdown(http_shutdown.cancelled_owned());
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "REST server failed");
+            }
+            tracing::info!("REST server stopped");
+        });
+        supervisor.spawn(health::monitor(
+            infra.pool.clone(),
+            infra.producer.clone(),
+            reporter,
+            vec![SERVICE_NAME.to_owned()],
+            config.pipeline.health_interval,
+            shutdown.clone(),
+        ));
+        let consumer = consumer::subscribe(
+            &config.kafka,
+            &[config.kafka.topic(topics::PAYMENTS), config.kafka.topic(topics::INVENTORY)],
+        )?;
+        supervisor.spawn(
+            ConsumeLoop {
+                consumer,
+                handler: saga::SagaHandler { orders_topic: orders_topic.clone() },
+                pool: infra.pool.clone(),
+                producer: infra.producer.clone(),
+                outbox: notifier.clone(),
+                group_id: config.kafka.group_id.clone(),
+                config: config.pipeline.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        supervisor.spawn(saga::sweep_deadlines(
+            infra.pool.clone(),
+            orders_topic,
+            config.sweep_interval,
+            notifier,
+            shutdown.clone(),
+        ));
+        tracing::info!(%grpc_addr, %http_addr, "order service started");
+        Ok(Self { grpc_addr, http_addr, supervisor, shutdown })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Runs until the shutdown token fires, then stops in order.
+    pub async fn run(self) {
+        self.supervisor.run(self.shutdown).await;
+    }
+}

@@ -1,0 +1,68 @@
+//! The REST/JSON shim: the original system's routes, canonical proto3 JSON
+//! (pbjson; snake_case and lowerCamelCase both accepted), and errors as
+//! `{code, message, details}` with grpc-gateway's status mapping.
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use common::rest::ApiError;
+use shop_proto::order::CreateOrderRequest;
+
+use crate::api::OrderApi;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub fn router(api: OrderApi) -> Router {
+    Router::new()
+        .route("/api/v1/orders", post(create_order))
+        .route("/api/v1/orders/{order_id}", get(get_order))
+        .fallback(|| async { ApiError(tonic::Status::not_found("no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(tonic::Status::unimplemented("method not allowed on this route"))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+async fn create_order(
+    State(api): State<OrderApi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::invalid_argument(format!("request body is larger than {MAX_BODY_BYTES} bytes"))
+        }
+        other => ApiError::invalid_argument(other.body_text()),
+    })?;
+    let mut request: CreateOrderRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_argument(format!("invalid JSON body: {e}")))?;
+    if let Some(key) = headers.get("idempotency-key") {
+        request.idempotency_key = key
+            .to_str()
+            .map_err(|_| ApiError::invalid_argument("Idempotency-Key must be visible ASCII"))?
+            .to_owned();
+    }
+    let order = api.create(&request).await.map_err(tonic::Status::from)?;
+    let location = format!("/api/v1/orders/{}", order.order_id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response())
+}
+
+async fn get_order(
+    State(api): State<OrderApi>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order = api.get(&order_id).await.map_err(tonic::Status::from)?;
+    Ok(Json(order).into_response())
+}

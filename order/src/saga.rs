@@ -1,0 +1,290 @@
+//! The order's side of the saga: results from payment and inventory decide
+//! its status, and the deadline sweeper cancels orders whose results never
+//! came. Cancelling publishes `OrderCancelled`, on which payment refunds and
+//! inventory releases whatever they did for the order.
+
+use std::time::Duration;
+
+use common::{
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as},
+    outbox::{self, OutboxEvent},
+};
+use shop_proto::{EventName, events};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::domain::{Decision, Outcome, decide};
+
+/// The events order acts on, from topics `payments` and `inventory`.
+#[derive(Clone, Debug)]
+pub enum SagaEvent {
+    Payment(events::PaymentCompleted),
+    PaymentRefunded(events::PaymentRefunded),
+    Inventory(events::InventoryUpdated),
+    InventoryReleased(events::InventoryReleased),
+}
+
+/// Plugs the saga into `common::consumer`.
+pub struct SagaHandler {
+    /// Full name of the `orders` topic, where decisions are published.
+    pub orders_topic: String,
+}
+
+impl EventHandler for SagaHandler {
+    type Event = SagaEvent;
+
+    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<SagaEvent>, DecodeError> {
+        Ok(Some(match event_type {
+            events::PaymentCompleted::EVENT_TYPE => SagaEvent::Payment(decode_as(event_type, payload)?),
+            events::PaymentRefunded::EVENT_TYPE => {
+                SagaEvent::PaymentRefunded(decode_as(event_type, payload)?)
+            }
+            events::InventoryUpdated::EVENT_TYPE => {
+                SagaEvent::Inventory(decode_as(event_type, payload)?)
+            }
+            events::InventoryReleased::EVENT_TYPE => {
+                SagaEvent::InventoryReleased(decode_as(event_type, payload)?)
+            }
+            other => return Err(DecodeError::UnknownType(other.to_owned())),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        _meta: &EventMeta,
+        event: SagaEvent,
+    ) -> Result<(), HandlerError> {
+        match event {
+            SagaEvent::Payment(e) => {
+                let outcome = match events::PaymentOutcome::try_from(e.outcome) {
+                    Ok(events::PaymentOutcome::Approved) => Outcome::Ok,
+                    Ok(events::PaymentOutcome::Declined) => Outcome::Failed(e.reason),
+                    _ => return Err(HandlerError::Permanent(format!("payment outcome {} is not valid", e.outcome))),
+                };
+                self.record(conn, &e.order_id, Side::Payment, outcome).await
+            }
+            SagaEvent::Inventory(e) => {
+                let outcome = match events::InventoryOutcome::try_from(e.outcome) {
+                    Ok(events::InventoryOutcome::Reserved) => Outcome::Ok,
+                    Ok(events::InventoryOutcome::Rejected) => Outcome::Failed(e.reason),
+                    _ => return Err(HandlerError::Permanent(format!("inventory outcome {} is not valid", e.outcome))),
+                };
+                self.record(conn, &e.order_id, Side::Inventory, outcome).await
+            }
+            SagaEvent::PaymentRefunded(e) => {
+                mark_compensated(
+                    conn,
+                    &e.order_id,
+                    "UPDATE orders SET payment_status = 'REFUNDED', updated_at = now() WHERE order_id = $1",
+                ).await
+            }
+            SagaEvent::InventoryReleased(e) => {
+                mark_compensated(
+                    conn,
+                    &e.order_id,
+                    "UPDATE orders SET inventory_status = 'RELEASED', updated_at = now() WHERE order_id = $1",
+                ).await
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Payment,
+    Inventory,
+}
+
+fn parse_order_id(id: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(id).map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
+}
+
+type SagaRow = (String, String, Option<String>, String, Option<String>, String);
+
+impl SagaHandler {
+    /// Records one side's result (the first report wins) and, if the order
+    /// is still PENDING, applies the decision that follows.
+    async fn record(
+        &self,
+        conn: &mut PgConnection,
+        order_id: &str,
+        side: Side,
+        outcome: Outcome,
+    ) -> Result<(), HandlerError> {
+        let id = parse_order_id(order_id)?;
+        let row: Option<SagaRow> = sqlx::query_as(
+            "SELECT customer_id, status, payment_status, payment_reason, inventory_status, inventory_reason
+             FROM orders WHERE order_id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((customer_id, status, mut pay, mut pay_reason, mut inv, mut inv_reason)) = row else {
+            return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
+        };
+        let (stored, reason) = match outcome {
+            Outcome::Ok => (match side { Side::Payment => "APPROVED", Side::Inventory => "RESERVED" }, String::new()),
+            Outcome::Failed(r) => (match side { Side::Payment => "DECLINED", Side::Inventory => "REJECTED" }, r),
+        };
+        let (update, slot, slot_reason) = match side {
+            Side::Payment => (
+                "UPDATE orders SET payment_status = $2, payment_reason = $3, updated_at = now() WHERE order_id = $1",
+                &mut pay,
+                &mut pay_reason,
+            ),
+            Side::Inventory => (
+                "UPDATE orders SET inventory_status = $2, inventory_reason = $3, updated_at = now() WHERE order_id = $1",
+                &mut inv,
+                &mut inv_reason,
+            ),
+        };
+        if slot.is_some() {
+            return Ok(()); // already reported (a different event for the same result)
+        }
+        *slot = Some(stored.to_owned());
+        *slot_reason = reason.clone();
+        sqlx::query(update)
+        .bind(id)
+        .bind(stored)
+        .bind(&reason)
+        .execute(&mut *conn)
+        .await?;
+        if status != "PENDING" {
+            return Ok(()); // decided already (timed out); compensation is under way
+        }
+        let as_outcome = |s: &Option<String>, r: &str| {
+            s.as_deref().map(|s| match s {
+                "APPROVED" | "RESERVED" => Outcome::Ok,
+                _ => Outcome::Failed(r.to_owned()),
+            })
+        };
+        let decision = decide(as_outcome(&pay, &pay_reason).as_ref(), as_outcome(&inv, &inv_reason).as_ref());
+        match decision {
+            Decision::Wait => Ok(()),
+            Decision::Confirm => {
+                sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE order_id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                let event = events::OrderConfirmed {
+                    event_id: Uuid::now_v7().to_string(),
+                    occurred_at: Some(common::time::now()),
+                    order_id: order_id.to_owned(),
+                    customer_id: customer_id.clone(),
+                };
+                let out = OutboxEvent::new(self.orders_topic.clone(), &customer_id, event.event_id.parse().expect("uuid"), &event);
+                outbox::enqueue(conn, &[out]).await?;
+                Ok(())
+            }
+            Decision::Cancel(reason) => {
+                cancel(conn, &self.orders_topic, &[(id, customer_id, reason)]).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn mark_compensated(
+    conn: &mut PgConnection,
+    order_id: &str,
+    update: &'static str,
+) -> Result<(), HandlerError> {
+    let id = parse_order_id(order_id)?;
+    let done = sqlx::query(update)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
+    }
+    Ok(())
+}
+
+/// Cancels orders and enqueues their `OrderCancelled` events.
+async fn cancel(
+    conn: &mut PgConnection,
+    orders_topic: &str,
+    orders: &[(Uuid, String, String)],
+) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.0).collect();
+    let reasons: Vec<&str> = orders.iter().map(|o| o.2.as_str()).collect();
+    sqlx::query(
+        "UPDATE orders o SET status = 'CANCELLED', reason = c.reason, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::text[]) AS c(order_id, reason)
+         WHERE o.order_id = c.order_id",
+    )
+    .bind(&ids)
+    .bind(&reasons)
+    .execute(&mut *conn)
+    .await?;
+    let events: Vec<OutboxEvent> = orders
+        .iter()
+        .map(|(id, customer_id, reason)| {
+            let event = events::OrderCancelled {
+                event_id: Uuid::now_v7().to_string(),
+                occurred_at: Some(common::time::now()),
+                order_id: id.to_string(),
+                customer_id: customer_id.clone(),
+                reason: reason.clone(),
+            };
+            OutboxEvent::new(orders_topic.to_owned(), customer_id, event.event_id.parse().expect("uuid"), &event)
+        })
+        .collect();
+    outbox::enqueue(conn, &events).await
+}
+
+/// Cancels PENDING orders past their deadline, in batches, until `shutdown`.
+pub async fn sweep_deadlines(
+    pool: PgPool,
+    orders_topic: String,
+    interval: Duration,
+    notifier: outbox::Notifier,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match sweep_once(&pool, &orders_topic).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(orders = n, "cancelled orders past their deadline");
+                notifier.notify();
+                continue; // there may be more
+            }
+            Err(e) => tracing::warn!(error = %e, "deadline sweep failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One batch of expired orders; returns how many were cancelled.
+pub async fn sweep_once(pool: &PgPool, orders_topic: &str) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let expired: Vec<(Uuid, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT order_id, customer_id, payment_status, inventory_status FROM orders
+         WHERE status = 'PENDING' AND deadline_at < now()
+         ORDER BY deadline_at LIMIT 500 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let orders: Vec<(Uuid, String, String)> = expired
+        .into_iter()
+        .map(|(id, customer, pay, inv)| {
+            let missing: Vec<&str> = [("payment", pay), ("inventory", inv)]
+                .into_iter()
+                .filter(|(_, s)| s.is_none())
+                .map(|(name, _)| name)
+                .collect();
+            (id, customer, format!("timed out waiting for {}", missing.join(" and ")))
+        })
+        .collect();
+    cancel(&mut tx, orders_topic, &orders).await?;
+    tx.commit().await?;
+    Ok(orders.len())
+}

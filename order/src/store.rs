@@ -1,0 +1,227 @@
+//! The orders database: catalog, orders and their items. Every write that
+//! causes an event enqueues it in the outbox in the same transaction.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use common::{catalog, outbox::{self, OutboxEvent}, time::to_timestamp};
+use shop_proto::{
+    common::Money,
+    events,
+    order::{Order, OrderItem, OrderStatus},
+};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{
+    domain::{PricedLine, Price, Status},
+    error::OrderError,
+};
+
+/// Inserts the fixture's products that are missing; never overwrites.
+pub async fn seed_catalog(pool: &PgPool) -> sqlx::Result<()> {
+    let products = catalog::products();
+    let ids: Vec<&str> = products.iter().map(|p| p.product_id.as_str()).collect();
+    let names: Vec<&str> = products.iter().map(|p| p.name.as_str()).collect();
+    let currencies: Vec<&str> = products.iter().map(|p| p.currency.as_str()).collect();
+    let prices: Vec<i64> = products.iter().map(|p| p.price_units).collect();
+    sqlx::query(
+        "INSERT INTO products (product_id, name, currency, price_units)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (product_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&currencies)
+    .bind(&prices)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The whole catalog (it is small and read on every order).
+pub async fn load_catalog(pool: &PgPool) -> sqlx::Result<BTreeMap<String, Price>> {
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT product_id, currency, price_units FROM products")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, currency, units)| (id, Price { currency, units }))
+        .collect())
+}
+
+/// An order to insert, already validated and priced.
+pub struct Insert<'a> {
+    pub customer_id: &'a str,
+    pub lines: &'a [PricedLine],
+    pub currency: &'a str,
+    pub total: i64,
+    pub idempotency: Option<(&'a str, &'a [u8])>,
+    pub deadline: std::time::Duration,
+    pub orders_topic: String,
+}
+
+/// Stores a new PENDING order and its `OrderCreated` event. With an
+/// idempotency key already used for the same request, returns that order
+/// instead and writes nothing.
+pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, OrderError> {
+    if let Some((key, hash)) = new.idempotency
+        && let Some(existing) = by_idempotency_key(pool, key, hash).await?
+    {
+        return Ok(existing);
+    }
+    let order_id = Uuid::now_v7();
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, status, currency, total_units,
+                             idempotency_key, request_hash, deadline_at)
+         VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, now() + make_interval(secs => $7))
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(new.customer_id)
+    .bind(new.currency)
+    .bind(new.total)
+    .bind(new.idempotency.map(|(k, _)| k))
+    .bind(new.idempotency.map(|(_, h)| h))
+    .bind(new.deadline.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // A concurrent request with the same key won the race.
+        drop(tx);
+        let (key, hash) = new.idempotency.expect("only the key can conflict");
+        return by_idempotency_key(pool, key, hash)
+            .await?
+            .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
+    }
+    let line_nos: Vec<i32> = (1..=new.lines.len() as i32).collect();
+    let products: Vec<&str> = new.lines.iter().map(|l| l.product_id.as_str()).collect();
+    let quantities: Vec<i32> = new.lines.iter().map(|l| l.quantity).collect();
+    let prices: Vec<i64> = new.lines.iter().map(|l| l.unit_price).collect();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price_units)
+         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
+    )
+    .bind(order_id)
+    .bind(&line_nos)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(&mut *tx)
+    .await?;
+    let money = |units| Money {
+        currency: new.currency.to_owned(),
+        units,
+    };
+    let event = events::OrderCreated {
+        event_id: Uuid::now_v7().to_string(),
+        occurred_at: Some(common::time::now()),
+        order_id: order_id.to_string(),
+        customer_id: new.customer_id.to_owned(),
+        items: new
+            .lines
+            .iter()
+            .map(|l| events::OrderLine {
+                product_id: l.product_id.clone(),
+                quantity: l.quantity,
+                unit_price: Some(money(l.unit_price)),
+            })
+            .collect(),
+        total: Some(money(new.total)),
+    };
+    let outgoing = OutboxEvent::new(
+        new.orders_topic,
+        new.customer_id,
+        event.event_id.parse().expect("just generated"),
+        &event,
+    );
+    outbox::enqueue(&mut tx, &[outgoing]).await?;
+    let order = load(&mut tx, order_id).await?.expect("just inserted");
+    tx.commit().await?;
+    Ok(order)
+}
+
+async fn by_idempotency_key(
+    pool: &PgPool,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<Order>, OrderError> {
+    let found: Option<(Uuid, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT order_id, request_hash FROM orders WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    match found {
+        None => Ok(None),
+        Some((_, stored)) if stored.as_deref() != Some(hash) => {
+            Err(OrderError::IdempotencyConflict(key.to_owned()))
+        }
+        Some((order_id, _)) => {
+            let mut conn = pool.acquire().await?;
+            Ok(load(&mut conn, order_id).await?)
+        }
+    }
+}
+
+type OrderRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+/// Reads an order with its items.
+pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Order>> {
+    let row: Option<OrderRow> = sqlx::query_as(
+        "SELECT order_id, customer_id, status, reason, currency, total_units, created_at, updated_at
+         FROM orders WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((order_id, customer_id, status, reason, currency, total, created, updated)) = row
+    else {
+        return Ok(None);
+    };
+    let items: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT product_id, quantity, unit_price_units FROM order_items
+         WHERE order_id = $1 ORDER BY line_no",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let money = |units| Money {
+        currency: currency.clone(),
+        units,
+    };
+    let status = match Status::parse(&status) {
+        Some(Status::Pending) => OrderStatus::Pending,
+        Some(Status::Confirmed) => OrderStatus::Confirmed,
+        Some(Status::Cancelled) => OrderStatus::Cancelled,
+        None => OrderStatus::Unspecified,
+    };
+    Ok(Some(Order {
+        order_id: order_id.to_string(),
+        customer_id,
+        items: items
+            .into_iter()
+            .map(|(product_id, quantity, unit)| OrderItem {
+                product_id,
+                quantity,
+                unit_price: Some(money(unit)),
+                line_total: Some(money(unit * i64::from(quantity))),
+            })
+            .collect(),
+        total: Some(money(total)),
+        status: status as i32,
+        reason,
+        created_at: Some(to_timestamp(created)),
+        updated_at: Some(to_timestamp(updated)),
+    }))
+}

@@ -1,0 +1,285 @@
+//! Helpers for the end-to-end tests: a whole pipeline (order, payment,
+//! inventory) started in-process on real PostgreSQL and real Kafka, isolated
+//! per test by fresh databases, a topic prefix and consumer group names.
+//!
+//! The broker and the database server come from `deploy/local/test.sh`
+//! (`KAFKA_BROKERS`, `TEST_DATABASE_URL`); nothing here fakes them.
+
+pub mod scratch_postgres;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use common::config::{DbConfig, KafkaConfig, PipelineConfig};
+use shop_proto::{
+    inventory::inventory_service_client::InventoryServiceClient,
+    order::{Order, OrderStatus, order_service_client::OrderServiceClient},
+    payment::payment_service_client::PaymentServiceClient,
+};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// How long a test waits for an asynchronous outcome before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The server's admin URL (a database tests may connect to in order to
+/// create their own).
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://shop:shop@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// A short unique id for names of databases, topics and groups.
+pub fn unique_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+}
+
+/// Creates a fresh database and returns its URL.
+pub async fn create_database(name: &str) -> String {
+    let admin = admin_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable (run deploy/local/test.sh): {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database");
+    format!("{base}/{name}")
+}
+
+/// Pipeline settings tuned for tests: quick health checks and relay polls.
+pub fn test_pipeline_config() -> PipelineConfig {
+    PipelineConfig {
+        outbox_poll_interval: Duration::from_millis(50),
+        health_interval: Duration::from_millis(200),
+        ..PipelineConfig::default()
+    }
+}
+
+/// Kafka settings for one test: its own topic prefix and group names.
+pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: brokers(),
+        topic_prefix: format!("t{id}."),
+        group_id: format!("t{id}-{service}"),
+        partitions: 3,
+        client_id: format!("t{id}-{service}"),
+    }
+}
+
+fn loopback() -> SocketAddr {
+    ([127, 0, 0, 1], 0).into()
+}
+
+/// A running pipeline; stopped (gracefully) by [`Pipeline::stop`] or when
+/// dropped.
+pub struct Pipeline {
+    pub id: String,
+    pub order_grpc: SocketAddr,
+    pub order_http: SocketAddr,
+    pub payment_grpc: SocketAddr,
+    pub inventory_grpc: SocketAddr,
+    pub orders_db: PgPool,
+    pub payments_db: PgPool,
+    pub inventory_db: PgPool,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Options a test may change before starting a pipeline.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub order_deadline: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            order_deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Pipeline {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        common::telemetry::init();
+        let id = unique_id();
+        let shutdown = CancellationToken::new();
+        let (orders_url, payments_url, inventory_url) = tokio::join!(
+            create_database(&format!("t_{id}_orders")),
+            create_database(&format!("t_{id}_payments")),
+            create_database(&format!("t_{id}_inventory")),
+        );
+        let db = |url: &str| DbConfig {
+            url: url.to_owned(),
+            max_connections: 5,
+        };
+
+        let mut payment_cfg = payment::Config::from_env().expect("payment config");
+        payment_cfg.grpc_addr = loopback();
+        payment_cfg.db = db(&payments_url);
+        payment_cfg.kafka = test_kafka_config(&id, "payment");
+        payment_cfg.pipeline = test_pipeline_config();
+
+        let mut inventory_cfg = inventory::Config::from_env().expect("inventory config");
+        inventory_cfg.grpc_addr = loopback();
+        inventory_cfg.db = db(&inventory_url);
+        inventory_cfg.kafka = test_kafka_config(&id, "inventory");
+        inventory_cfg.pipeline = test_pipeline_config();
+
+        let mut order_cfg = order::Config::from_env().expect("order config");
+        order_cfg.grpc_addr = loopback();
+        order_cfg.http_addr = loopback();
+        order_cfg.deadline = options.order_deadline;
+        order_cfg.sweep_interval = Duration::from_millis(200);
+        order_cfg.db = db(&orders_url);
+        order_cfg.kafka = test_kafka_config(&id, "order");
+        order_cfg.pipeline = test_pipeline_config();
+
+        let (payment, inventory, order) = tokio::join!(
+            payment::Application::build(payment_cfg, shutdown.clone()),
+            inventory::Application::build(inventory_cfg, shutdown.clone()),
+            order::Application::build(order_cfg, shutdown.clone()),
+        );
+        let (payment, inventory, order) = (
+            payment.expect("payment starts"),
+            inventory.expect("inventory starts"),
+            order.expect("order starts"),
+        );
+        let pipeline = Self {
+            order_grpc: order.grpc_addr(),
+            order_http: order.http_addr(),
+            payment_grpc: payment.grpc_addr(),
+            inventory_grpc: inventory.grpc_addr(),
+            orders_db: PgPool::connect(&orders_url).await.expect("orders db"),
+            payments_db: PgPool::connect(&payments_url).await.expect("payments db"),
+            inventory_db: PgPool::connect(&inventory_url).await.expect("inventory db"),
+            tasks: vec![
+                tokio::spawn(payment.run()),
+                tokio::spawn(inventory.run()),
+                tokio::spawn(order.run()),
+            ],
+            id,
+            shutdown,
+        };
+        for addr in [pipeline.order_grpc, pipeline.payment_grpc, pipeline.inventory_grpc] {
+            wait_serving(addr, "").await;
+        }
+        pipeline
+    }
+
+    /// The full name of a pipeline topic in this test.
+    pub fn topic(&self, name: &str) -> String {
+        format!("t{}.{name}", self.id)
+    }
+
+    pub async fn orders(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(channel(self.order_grpc).await)
+    }
+
+    pub async fn payments(&self) -> PaymentServiceClient<Channel> {
+        PaymentServiceClient::new(channel(self.payment_grpc).await)
+    }
+
+    pub async fn inventory(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(channel(self.inventory_grpc).await)
+    }
+
+    pub fn rest_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.order_http)
+    }
+
+    /// Polls GetOrder until the order leaves PENDING.
+    pub async fn final_order(&self, order_id: &str) -> Order {
+        let client = self.orders().await;
+        eventually(&format!("order {order_id} to leave PENDING"), || {
+            let mut client = client.clone();
+            let order_id = order_id.to_owned();
+            async move {
+                let order = client
+                    .get_order(shop_proto::order::GetOrderRequest { order_id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (order.status != OrderStatus::Pending as i32).then_some(order)
+            }
+        })
+        .await
+    }
+
+    /// Graceful shutdown: waits until every task has stopped.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            task.await.expect("service task panicked");
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("valid URI")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// The health status of `service` at `addr`, or None if unreachable.
+pub async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
+    let channel = Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(reply.into_inner().status)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Waits until `addr` reports SERVING for `service`.
+pub async fn wait_serving(addr: SocketAddr, service: &str) {
+    eventually(&format!("{addr} to report SERVING"), || async {
+        (health(addr, service).await == Some(SERVING)).then_some(())
+    })
+    .await
+}
+
+/// Polls `check` every 50 ms until it returns Some, failing the test after
+/// [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
