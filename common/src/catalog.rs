@@ -43,7 +43,14 @@ mod tests {
             let id = format!("PROD{i:03}");
             assert!(products.iter().any(|p| p.product_id == id), "{id} missing");
         }
-        assert!(products.iter().all(|p| p.price_units > 0 && p.initial_stock >= 0));
-        assert!(products.iter().any(|p| p.initial_stock < 10), "some stock is small");
+        assert!(
+            products
+                .iter()
+                .all(|p| p.price_units > 0 && p.initial_stock >= 0)
+        );
+        assert!(
+            products.iter().any(|p| p.initial_stock < 10),
+            "some stock is small"
+        );
     }
 }

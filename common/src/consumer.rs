@@ -283,7 +283,11 @@ impl<H: EventHandler> ConsumeLoop<H> {
 
     /// Applies a batch: all in one transaction when it can, otherwise one
     /// record per transaction. Err only when shut down before finishing.
-    async fn process(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Result<(), Cancelled> {
+    async fn process(
+        &self,
+        batch: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Cancelled> {
         let mut events = Vec::with_capacity(batch.len());
         for m in batch {
             match self.decode(m) {
@@ -392,7 +396,9 @@ impl<H: EventHandler> ConsumeLoop<H> {
             failures += 1;
             if error.is_permanent() || failures >= self.config.consumer_max_attempts {
                 tracing::error!(error = %error, topic = %meta.topic, offset = meta.offset, event_id = %meta.event_id, "dead-lettering record");
-                return self.dead_letter(m, &error.to_string(), failures, shutdown).await;
+                return self
+                    .dead_letter(m, &error.to_string(), failures, shutdown)
+                    .await;
             }
             let delay = backoff.next_delay();
             tracing::warn!(error = %error, attempt = failures, ?delay, "record failed; retrying");
@@ -427,7 +433,10 @@ impl<H: EventHandler> ConsumeLoop<H> {
             (header::DLQ_ATTEMPTS, attempts_s.as_str()),
             (header::DLQ_CONSUMER_GROUP, self.group_id.as_str()),
         ] {
-            headers = headers.insert(Header { key, value: Some(value) });
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
         }
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
@@ -453,7 +462,10 @@ impl<H: EventHandler> ConsumeLoop<H> {
         for _ in 0..3 {
             match self.pool.acquire().await {
                 Ok(mut conn) => {
-                    if count(&mut conn, m.topic(), "dead_lettered", 1).await.is_ok() {
+                    if count(&mut conn, m.topic(), "dead_lettered", 1)
+                        .await
+                        .is_ok()
+                    {
                         break;
                     }
                 }

@@ -98,4 +98,3 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     is_unavailable(e)
         || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("40")))
 }
-

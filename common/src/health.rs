@@ -65,7 +65,11 @@ pub async fn monitor(
             if now.healthy() {
                 tracing::info!("dependencies reachable: SERVING");
             } else {
-                tracing::warn!(database = now.database, broker = now.broker, "dependency unreachable: NOT_SERVING");
+                tracing::warn!(
+                    database = now.database,
+                    broker = now.broker,
+                    "dependency unreachable: NOT_SERVING"
+                );
             }
             let status = if now.healthy() {
                 ServingStatus::Serving
@@ -83,9 +87,11 @@ pub async fn monitor(
     set_all(&reporter, &services, ServingStatus::NotServing).await;
 }
 
+/// Named services first, the overall status last: whoever sees "" change
+/// can rely on the named ones having changed too.
 async fn set_all(reporter: &HealthReporter, services: &[String], status: ServingStatus) {
-    reporter.set_service_status("", status).await;
     for s in services {
         reporter.set_service_status(s, status).await;
     }
+    reporter.set_service_status("", status).await;
 }

@@ -121,7 +121,8 @@ ensure_kcat() {
 kafka_java() {
   local main="$1"
   shift
-  java -Xmx512m -XX:TieredStopAtLevel=1 -Xshare:auto \
+  # C1 only: these JVMs live a few seconds, so full JIT would be wasted start-up time.
+  java -Xmx512m -XX:TieredStopAtLevel=1 \
     -Dlog4j2.configurationFile="$KAFKA_STATE/log4j2-tools.xml" \
     -cp "$KAFKA_LIBS/*" "$main" "$@"
 }
@@ -198,10 +199,35 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # Tests join consumer groups constantly; don't wait 3 s for more members.
 group.initial.rebalance.delay.ms=0
+# After a crash (kill) the controller refuses the restarted broker until the old incarnation's
+# session expires; the default 9 s made each kill+start in fault tests take ~15 s. Heartbeats
+# go over loopback inside one JVM, so a short session is safe here.
+broker.heartbeat.interval.ms=500
+broker.session.timeout.ms=3000
 num.network.threads=2
 num.io.threads=4
 log.retention.hours=24
 EOF
+}
+
+# kafka_running — the pid file names a live JVM running our broker. Checking the command line
+# means a stale pid file (e.g. after a reboot) never makes us wait on, or kill, another process.
+kafka_running() {
+  pid_alive "$KAFKA_PID" || return 1
+  tr '\0' ' ' <"/proc/$(cat "$KAFKA_PID")/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $KAFKA_PROPS"
+}
+
+ports_free() {
+  ! port_open "$KAFKA_HOST" "$KAFKA_PORT" && ! port_open "$KAFKA_HOST" "$KAFKA_CONTROLLER_PORT"
+}
+
+# wait_ports_free SECONDS — quietly wait until both listener ports are closed.
+wait_ports_free() {
+  local deadline=$((SECONDS + $1))
+  until ports_free; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
 }
 
 broker_answers() {
@@ -224,11 +250,11 @@ cmd_start() {
   # Serialise concurrent starts of the same state dir.
   exec 9>"$KAFKA_STATE/.lock"
   flock 9
-  if pid_alive "$KAFKA_PID" && broker_answers; then
+  if kafka_running && broker_answers; then
     log "Kafka already running (pid $(cat "$KAFKA_PID")) on $KAFKA_BOOTSTRAP"
     return 0
   fi
-  if pid_alive "$KAFKA_PID"; then
+  if kafka_running; then
     # Alive but not answering: maybe still starting (another caller), else hung.
     if wait_for --pid "$(cat "$KAFKA_PID")" "Kafka on $KAFKA_BOOTSTRAP (already starting)" 90 "$KAFKA_LOG" broker_answers; then
       return 0
@@ -236,7 +262,8 @@ cmd_start() {
     die "Kafka pid $(cat "$KAFKA_PID") is alive but not answering; run '$0 kill' and start again"
   fi
   rm -f "$KAFKA_PID"
-  if port_open "$KAFKA_HOST" "$KAFKA_PORT" || port_open "$KAFKA_HOST" "$KAFKA_CONTROLLER_PORT"; then
+  # A JVM just killed can hold its sockets a moment after its main thread is gone.
+  if ! wait_ports_free 10; then
     die "port $KAFKA_PORT or $KAFKA_CONTROLLER_PORT on $KAFKA_HOST is taken by a process not started from $SHOP_STATE_DIR; stop it or set KAFKA_PORT/KAFKA_CONTROLLER_PORT"
   fi
 
@@ -275,18 +302,19 @@ cmd_start() {
 
 cmd_stop() {
   # Controlled shutdown moves nothing on one node but flushes and closes the logs cleanly.
-  if ! pid_alive "$KAFKA_PID"; then
+  if ! kafka_running; then
     rm -f "$KAFKA_PID"
     log "Kafka not running"
     return 0
   fi
   stop_pidfile kafka "$KAFKA_PID" 60
+  wait_ports_free 10 || log "warning: Kafka ports still open 10 s after it exited"
   log "Kafka stopped"
 }
 
 cmd_kill() {
   # For fault tests: an abrupt crash, no clean shutdown of the logs.
-  if ! pid_alive "$KAFKA_PID"; then
+  if ! kafka_running; then
     rm -f "$KAFKA_PID"
     log "Kafka not running"
     return 0
@@ -301,14 +329,16 @@ cmd_kill() {
     sleep 0.2
   done
   rm -f "$KAFKA_PID"
+  # The main thread dies first; other threads close the sockets a moment later.
+  wait_ports_free 10 || log "warning: Kafka ports still open 10 s after SIGKILL"
 }
 
 cmd_status() {
-  if pid_alive "$KAFKA_PID" && broker_answers; then
+  if kafka_running && broker_answers; then
     echo "kafka: running (pid $(cat "$KAFKA_PID")) on $KAFKA_BOOTSTRAP"
     return 0
   fi
-  if pid_alive "$KAFKA_PID"; then
+  if kafka_running; then
     echo "kafka: process $(cat "$KAFKA_PID") alive but not answering on $KAFKA_BOOTSTRAP"
   else
     echo "kafka: not running"

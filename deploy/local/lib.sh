@@ -13,7 +13,8 @@ SHOP_CACHE_DIR="${SHOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shop-pipeline}
 SHOP_STATE_DIR="${SHOP_STATE_DIR:-$REPO/.run}"
 export SHOP_CACHE_DIR SHOP_STATE_DIR
 
-# 4.1.1 resolves from Maven Central here (checked); 4.4.0 is the fallback named in the plan.
+# 4.1.1 resolves from Maven Central and runs on Java 17 here (checked 2026-11, so the planned
+# fallback 4.4.0 was not needed). Another version may need KAFKA_LOG4J_VERSION (see kafka.sh).
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"

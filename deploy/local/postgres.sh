@@ -96,6 +96,10 @@ clear_stale_pidfile() {
 }
 
 cmd_start() {
+  # One cluster per machine, shared by every clone: serialise concurrent starts (role and
+  # database creation would race).
+  exec 9>"$SHOP_CACHE_DIR/postgres.lock"
+  flock 9
   ensure_installed
   PG_VER="$(pg_version)"
   if cluster_running && ready; then
@@ -108,7 +112,8 @@ cmd_start() {
     # moment; retry that case within a deadline, fail at once on anything else.
     local deadline=$((SECONDS + 60)) err
     err="$(mktemp)"
-    until cluster_running || pg_ctlcluster "$PG_VER" "$PG_CLUSTER" start 2>"$err"; do
+    # 9>&-: the server must not inherit the lock, or it would hold it for its lifetime.
+    until cluster_running || pg_ctlcluster "$PG_VER" "$PG_CLUSTER" start 2>"$err" 9>&-; do
       if ((SECONDS >= deadline)) || ! grep -qiE 'lock file|shared memory|already' "$err"; then
         cat "$err" >&2
         rm -f "$err"
@@ -171,7 +176,9 @@ cmd_kill() {
   # For fault tests: a crash, so the next start runs crash recovery from the WAL.
   PG_VER="$(pg_version)"
   local pid
-  if ! pid="$(postmaster_pid)" || ! proc_alive "$pid"; then
+  # Check the name too: a stale pid file must never make us kill an unrelated process.
+  if ! pid="$(postmaster_pid)" || ! proc_alive "$pid" ||
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" != postgres ]]; then
     log "PostgreSQL $PG_VER/$PG_CLUSTER not running"
     return 0
   fi

@@ -32,4 +32,13 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test (first build compiles librdkafka and takes several minutes)"
-cargo test --workspace "$@"
+results="$SHOP_STATE_DIR/logs/test-results.log"
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$results"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary, the
+# last of which is often an empty doc-test run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed\n", p, f }' "$results"
+exit "$status"

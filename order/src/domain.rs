@@ -145,7 +145,9 @@ pub fn price(
             .units
             .checked_mul(i64::from(*quantity))
             .ok_or(PricingError::Overflow)?;
-        total = total.checked_add(line_total).ok_or(PricingError::Overflow)?;
+        total = total
+            .checked_add(line_total)
+            .ok_or(PricingError::Overflow)?;
         lines.push(PricedLine {
             product_id: product_id.clone(),
             quantity: *quantity,
@@ -255,8 +257,14 @@ mod tests {
         let dup = CreateOrderRequest {
             customer_id: "C1".into(),
             items: vec![
-                LineItem { product_id: "PROD001".into(), quantity: 1 },
-                LineItem { product_id: "PROD001".into(), quantity: 2 },
+                LineItem {
+                    product_id: "PROD001".into(),
+                    quantity: 1,
+                },
+                LineItem {
+                    product_id: "PROD001".into(),
+                    quantity: 2,
+                },
             ],
             ..Default::default()
         };
@@ -272,9 +280,27 @@ mod tests {
     #[test]
     fn prices_lines_and_rejects_unknown_products() {
         let catalog = BTreeMap::from([
-            ("A".to_owned(), Price { currency: "USD".into(), units: 250 }),
-            ("B".to_owned(), Price { currency: "USD".into(), units: 1000 }),
-            ("E".to_owned(), Price { currency: "EUR".into(), units: 1 }),
+            (
+                "A".to_owned(),
+                Price {
+                    currency: "USD".into(),
+                    units: 250,
+                },
+            ),
+            (
+                "B".to_owned(),
+                Price {
+                    currency: "USD".into(),
+                    units: 1000,
+                },
+            ),
+            (
+                "E".to_owned(),
+                Price {
+                    currency: "EUR".into(),
+                    units: 1,
+                },
+            ),
         ]);
         let order = NewOrder {
             customer_id: "C".into(),
@@ -283,9 +309,18 @@ mod tests {
         let (lines, currency, total) = price(&order, &catalog).unwrap();
         assert_eq!((currency.as_str(), total), ("USD", 2750));
         assert_eq!(lines[0].unit_price, 250);
-        let unknown = NewOrder { lines: vec![("Z".into(), 1)], ..order.clone() };
-        assert_eq!(price(&unknown, &catalog), Err(PricingError::UnknownProduct("Z".into())));
-        let mixed = NewOrder { lines: vec![("A".into(), 1), ("E".into(), 1)], ..order };
+        let unknown = NewOrder {
+            lines: vec![("Z".into(), 1)],
+            ..order.clone()
+        };
+        assert_eq!(
+            price(&unknown, &catalog),
+            Err(PricingError::UnknownProduct("Z".into()))
+        );
+        let mixed = NewOrder {
+            lines: vec![("A".into(), 1), ("E".into(), 1)],
+            ..order
+        };
         assert_eq!(price(&mixed, &catalog), Err(PricingError::MixedCurrency));
     }
 

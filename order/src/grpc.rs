@@ -18,7 +18,12 @@ impl OrderService for OrderGrpc {
         Ok(Response::new(self.0.create(request.get_ref()).await?))
     }
 
-    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
-        Ok(Response::new(self.0.get(&request.get_ref().order_id).await?))
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        Ok(Response::new(
+            self.0.get(&request.get_ref().order_id).await?,
+        ))
     }
 }

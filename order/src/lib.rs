@@ -96,12 +96,20 @@ impl Application {
 
         let (router, reporter) = common::grpc::router();
         let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
-        let (grpc_listener, grpc_addr) = common::grpc::bind(config.grpc_addr)
-            .await
-            .map_err(|source| StartError::Bind { what: "GRPC_ADDR", source })?;
-        let (http_listener, http_addr) = common::grpc::bind(config.http_addr)
-            .await
-            .map_err(|source| StartError::Bind { what: "HTTP_ADDR", source })?;
+        let (grpc_listener, grpc_addr) =
+            common::grpc::bind(config.grpc_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "GRPC_ADDR",
+                    source,
+                })?;
+        let (http_listener, http_addr) =
+            common::grpc::bind(config.http_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "HTTP_ADDR",
+                    source,
+                })?;
 
         supervisor.spawn(common::grpc::serve(router, grpc_listener, shutdown.clone()));
         let http_shutdown = shutdown.clone();
@@ -123,12 +131,17 @@ impl Application {
         ));
         let consumer = consumer::subscribe(
             &config.kafka,
-            &[config.kafka.topic(topics::PAYMENTS), config.kafka.topic(topics::INVENTORY)],
+            &[
+                config.kafka.topic(topics::PAYMENTS),
+                config.kafka.topic(topics::INVENTORY),
+            ],
         )?;
         supervisor.spawn(
             ConsumeLoop {
                 consumer,
-                handler: saga::SagaHandler { orders_topic: orders_topic.clone() },
+                handler: saga::SagaHandler {
+                    orders_topic: orders_topic.clone(),
+                },
                 pool: infra.pool.clone(),
                 producer: infra.producer.clone(),
                 outbox: notifier.clone(),
@@ -145,7 +158,12 @@ impl Application {
             shutdown.clone(),
         ));
         tracing::info!(%grpc_addr, %http_addr, "order service started");
-        Ok(Self { grpc_addr, http_addr, supervisor, shutdown })
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            supervisor,
+            shutdown,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

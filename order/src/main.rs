@@ -6,6 +6,9 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init();
     let config = order::Config::from_env()?;
     let shutdown = common::shutdown::on_signal();
-    order::Application::build(config, shutdown).await?.run().await;
+    order::Application::build(config, shutdown)
+        .await?
+        .run()
+        .await;
     Ok(())
 }

@@ -24,7 +24,9 @@ pub fn router(api: OrderApi) -> Router {
         .route("/api/v1/orders/{order_id}", get(get_order))
         .fallback(|| async { ApiError(tonic::Status::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
-            ApiError(tonic::Status::unimplemented("method not allowed on this route"))
+            ApiError(tonic::Status::unimplemented(
+                "method not allowed on this route",
+            ))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
@@ -37,7 +39,9 @@ async fn create_order(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::invalid_argument(format!("request body is larger than {MAX_BODY_BYTES} bytes"))
+            ApiError::invalid_argument(format!(
+                "request body is larger than {MAX_BODY_BYTES} bytes"
+            ))
         }
         other => ApiError::invalid_argument(other.body_text()),
     })?;

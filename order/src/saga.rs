@@ -36,7 +36,9 @@ impl EventHandler for SagaHandler {
 
     fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<SagaEvent>, DecodeError> {
         Ok(Some(match event_type {
-            events::PaymentCompleted::EVENT_TYPE => SagaEvent::Payment(decode_as(event_type, payload)?),
+            events::PaymentCompleted::EVENT_TYPE => {
+                SagaEvent::Payment(decode_as(event_type, payload)?)
+            }
             events::PaymentRefunded::EVENT_TYPE => {
                 SagaEvent::PaymentRefunded(decode_as(event_type, payload)?)
             }
@@ -98,10 +100,18 @@ enum Side {
 }
 
 fn parse_order_id(id: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(id).map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
+    Uuid::parse_str(id)
+        .map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
 }
 
-type SagaRow = (String, String, Option<String>, String, Option<String>, String);
+type SagaRow = (
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+);
 
 impl SagaHandler {
     /// Records one side's result (the first report wins) and, if the order
@@ -121,12 +131,25 @@ impl SagaHandler {
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((customer_id, status, mut pay, mut pay_reason, mut inv, mut inv_reason)) = row else {
+        let Some((customer_id, status, mut pay, mut pay_reason, mut inv, mut inv_reason)) = row
+        else {
             return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
         };
         let (stored, reason) = match outcome {
-            Outcome::Ok => (match side { Side::Payment => "APPROVED", Side::Inventory => "RESERVED" }, String::new()),
-            Outcome::Failed(r) => (match side { Side::Payment => "DECLINED", Side::Inventory => "REJECTED" }, r),
+            Outcome::Ok => (
+                match side {
+                    Side::Payment => "APPROVED",
+                    Side::Inventory => "RESERVED",
+                },
+                String::new(),
+            ),
+            Outcome::Failed(r) => (
+                match side {
+                    Side::Payment => "DECLINED",
+                    Side::Inventory => "REJECTED",
+                },
+                r,
+            ),
         };
         let (update, slot, slot_reason) = match side {
             Side::Payment => (
@@ -146,11 +169,11 @@ impl SagaHandler {
         *slot = Some(stored.to_owned());
         *slot_reason = reason.clone();
         sqlx::query(update)
-        .bind(id)
-        .bind(stored)
-        .bind(&reason)
-        .execute(&mut *conn)
-        .await?;
+            .bind(id)
+            .bind(stored)
+            .bind(&reason)
+            .execute(&mut *conn)
+            .await?;
         if status != "PENDING" {
             return Ok(()); // decided already (timed out); compensation is under way
         }
@@ -160,7 +183,10 @@ impl SagaHandler {
                 _ => Outcome::Failed(r.to_owned()),
             })
         };
-        let decision = decide(as_outcome(&pay, &pay_reason).as_ref(), as_outcome(&inv, &inv_reason).as_ref());
+        let decision = decide(
+            as_outcome(&pay, &pay_reason).as_ref(),
+            as_outcome(&inv, &inv_reason).as_ref(),
+        );
         match decision {
             Decision::Wait => Ok(()),
             Decision::Confirm => {
@@ -174,7 +200,12 @@ impl SagaHandler {
                     order_id: order_id.to_owned(),
                     customer_id: customer_id.clone(),
                 };
-                let out = OutboxEvent::new(self.orders_topic.clone(), &customer_id, event.event_id.parse().expect("uuid"), &event);
+                let out = OutboxEvent::new(
+                    self.orders_topic.clone(),
+                    &customer_id,
+                    event.event_id.parse().expect("uuid"),
+                    &event,
+                );
                 outbox::enqueue(conn, &[out]).await?;
                 Ok(())
             }
@@ -192,10 +223,7 @@ async fn mark_compensated(
     update: &'static str,
 ) -> Result<(), HandlerError> {
     let id = parse_order_id(order_id)?;
-    let done = sqlx::query(update)
-        .bind(id)
-        .execute(conn)
-        .await?;
+    let done = sqlx::query(update).bind(id).execute(conn).await?;
     if done.rows_affected() == 0 {
         return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
     }
@@ -229,7 +257,12 @@ async fn cancel(
                 customer_id: customer_id.clone(),
                 reason: reason.clone(),
             };
-            OutboxEvent::new(orders_topic.to_owned(), customer_id, event.event_id.parse().expect("uuid"), &event)
+            OutboxEvent::new(
+                orders_topic.to_owned(),
+                customer_id,
+                event.event_id.parse().expect("uuid"),
+                &event,
+            )
         })
         .collect();
     outbox::enqueue(conn, &events).await
@@ -281,7 +314,11 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str) -> sqlx::Result<usize
                 .filter(|(_, s)| s.is_none())
                 .map(|(name, _)| name)
                 .collect();
-            (id, customer, format!("timed out waiting for {}", missing.join(" and ")))
+            (
+                id,
+                customer,
+                format!("timed out waiting for {}", missing.join(" and ")),
+            )
         })
         .collect();
     cancel(&mut tx, orders_topic, &orders).await?;

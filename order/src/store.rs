@@ -4,7 +4,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use common::{catalog, outbox::{self, OutboxEvent}, time::to_timestamp};
+use common::{
+    catalog,
+    outbox::{self, OutboxEvent},
+    time::to_timestamp,
+};
 use shop_proto::{
     common::Money,
     events,
@@ -14,7 +18,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
-    domain::{PricedLine, Price, Status},
+    domain::{Price, PricedLine, Status},
     error::OrderError,
 };
 

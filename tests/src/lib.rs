@@ -40,11 +40,11 @@ pub fn unique_id() -> String {
 }
 
 /// Creates a fresh database and returns its URL.
-pub async fn create_database(name: &str) -> String {
+pub async fn create_database(name: String) -> String {
     let admin = admin_url();
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable (run deploy/local/test.sh): {e}"));
+    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL at {admin} is not reachable (run deploy/local/test.sh): {e}")
+    });
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .execute(&mut conn)
         .await
@@ -116,9 +116,9 @@ impl Pipeline {
         let id = unique_id();
         let shutdown = CancellationToken::new();
         let (orders_url, payments_url, inventory_url) = tokio::join!(
-            create_database(&format!("t_{id}_orders")),
-            create_database(&format!("t_{id}_payments")),
-            create_database(&format!("t_{id}_inventory")),
+            create_database(format!("t_{id}_orders")),
+            create_database(format!("t_{id}_payments")),
+            create_database(format!("t_{id}_inventory")),
         );
         let db = |url: &str| DbConfig {
             url: url.to_owned(),
@@ -172,7 +172,11 @@ impl Pipeline {
             id,
             shutdown,
         };
-        for addr in [pipeline.order_grpc, pipeline.payment_grpc, pipeline.inventory_grpc] {
+        for addr in [
+            pipeline.order_grpc,
+            pipeline.payment_grpc,
+            pipeline.inventory_grpc,
+        ] {
             wait_serving(addr, "").await;
         }
         pipeline
@@ -242,7 +246,11 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 
 /// The health status of `service` at `addr`, or None if unreachable.
 pub async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
-    let channel = Channel::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = client
         .check(tonic_health::pb::HealthCheckRequest {

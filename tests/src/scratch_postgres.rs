@@ -24,9 +24,14 @@ impl ScratchPostgres {
         let port = free_port();
         let pg = Self { bin, dir, port };
         if is_root() {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&pg.dir));
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&pg.dir));
         }
-        run(pg.as_owner("initdb").args(["-U", "shop", "--auth=trust", "-D"]).arg(pg.data()));
+        run(pg
+            .as_owner("initdb")
+            .args(["-U", "shop", "--auth=trust", "-D"])
+            .arg(pg.data()));
         pg.start_server();
         pg
     }
@@ -91,7 +96,9 @@ impl Drop for ScratchPostgres {
 }
 
 fn run(command: &mut Command) {
-    let out = command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
     assert!(
         out.status.success(),
         "{command:?} failed: {}\n{}",

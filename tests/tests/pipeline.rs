@@ -8,7 +8,6 @@ use prost::Message as _;
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
-    message::Headers,
 };
 use shop_proto::{
     common::Money,
@@ -31,7 +30,9 @@ fn order(customer: &str, product: &str, quantity: i32) -> CreateOrderRequest {
 async fn available(p: &Pipeline, product: &str) -> i64 {
     p.inventory()
         .await
-        .get_stock(GetStockRequest { product_id: product.into() })
+        .get_stock(GetStockRequest {
+            product_id: product.into(),
+        })
         .await
         .expect("GetStock")
         .into_inner()
@@ -45,26 +46,54 @@ async fn grpc_order_is_confirmed_paid_and_reserved() {
     let request = CreateOrderRequest {
         customer_id: "CUST001".into(),
         items: vec![
-            LineItem { product_id: "PROD001".into(), quantity: 2 },
-            LineItem { product_id: "PROD002".into(), quantity: 1 },
+            LineItem {
+                product_id: "PROD001".into(),
+                quantity: 2,
+            },
+            LineItem {
+                product_id: "PROD002".into(),
+                quantity: 1,
+            },
         ],
         ..Default::default()
     };
-    let created = p.orders().await.create_order(request).await.expect("CreateOrder").into_inner();
+    let created = p
+        .orders()
+        .await
+        .create_order(request)
+        .await
+        .expect("CreateOrder")
+        .into_inner();
     assert_eq!(created.status, OrderStatus::Pending as i32);
     assert_eq!(created.customer_id, "CUST001");
     // Prices come from the catalog fixture: PROD001 24.99, PROD002 89.99.
-    assert_eq!(created.total, Some(Money { currency: "USD".into(), units: 2 * 2499 + 8999 }));
-    assert_eq!(created.items[0].line_total.as_ref().unwrap().units, 2 * 2499);
+    assert_eq!(
+        created.total,
+        Some(Money {
+            currency: "USD".into(),
+            units: 2 * 2499 + 8999
+        })
+    );
+    assert_eq!(
+        created.items[0].line_total.as_ref().unwrap().units,
+        2 * 2499
+    );
 
     let done = p.final_order(&created.order_id).await;
-    assert_eq!(done.status, OrderStatus::Confirmed as i32, "reason: {}", done.reason);
+    assert_eq!(
+        done.status,
+        OrderStatus::Confirmed as i32,
+        "reason: {}",
+        done.reason
+    );
     assert!(done.reason.is_empty());
 
     let payment = p
         .payments()
         .await
-        .get_payment(GetPaymentRequest { order_id: created.order_id.clone() })
+        .get_payment(GetPaymentRequest {
+            order_id: created.order_id.clone(),
+        })
         .await
         .expect("GetPayment")
         .into_inner();
@@ -73,7 +102,9 @@ async fn grpc_order_is_confirmed_paid_and_reserved() {
     let account = p
         .payments()
         .await
-        .get_account(GetAccountRequest { customer_id: "CUST001".into() })
+        .get_account(GetAccountRequest {
+            customer_id: "CUST001".into(),
+        })
         .await
         .expect("GetAccount")
         .into_inner();
@@ -96,7 +127,10 @@ async fn rest_order_like_the_original_system_is_confirmed() {
     assert_eq!(response.status(), 201);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let body: serde_json::Value = response.json().await.unwrap();
-    let order_id = body["orderId"].as_str().expect("orderId in canonical JSON").to_owned();
+    let order_id = body["orderId"]
+        .as_str()
+        .expect("orderId in canonical JSON")
+        .to_owned();
     assert_eq!(body["status"], "ORDER_STATUS_PENDING");
     // int64 is a string in proto3 JSON.
     assert_eq!(body["total"]["units"], "4998");
@@ -157,15 +191,26 @@ async fn order_created_record_is_keyed_by_customer_and_decodes() {
     .expect("OrderCreated on the orders topic");
     assert_eq!(record.key(), Some("CUST-KEY-1".as_bytes()));
     let headers = record.headers().unwrap();
-    assert_eq!(common::kafka::header_str(headers, "content-type"), Some("application/x-protobuf"));
+    assert_eq!(
+        common::kafka::header_str(headers, "content-type"),
+        Some("application/x-protobuf")
+    );
     let event = events::OrderCreated::decode(record.payload().unwrap()).expect("prost decodes");
     assert_eq!(event.order_id, created.order_id);
     assert_eq!(event.customer_id, "CUST-KEY-1");
-    assert_eq!(common::kafka::header_str(headers, "event-id"), Some(event.event_id.as_str()));
+    assert_eq!(
+        common::kafka::header_str(headers, "event-id"),
+        Some(event.event_id.as_str())
+    );
     assert_eq!(event.items.len(), 1);
     assert_eq!(event.items[0].product_id, "PROD004");
     assert_eq!(event.total, created.total);
-    assert!(uuid::Uuid::parse_str(&event.event_id).unwrap().get_version_num() == 7);
+    assert!(
+        uuid::Uuid::parse_str(&event.event_id)
+            .unwrap()
+            .get_version_num()
+            == 7
+    );
     assert!(event.occurred_at.is_some());
     p.stop().await;
 }
@@ -177,12 +222,21 @@ async fn declined_payment_cancels_and_releases_stock() {
         .await
         .set_credit_limit(SetCreditLimitRequest {
             customer_id: "CUST-POOR".into(),
-            limit: Some(Money { currency: "USD".into(), units: 1000 }),
+            limit: Some(Money {
+                currency: "USD".into(),
+                units: 1000,
+            }),
         })
         .await
         .expect("SetCreditLimit");
     let before = available(&p, "PROD005").await;
-    let created = p.orders().await.create_order(order("CUST-POOR", "PROD005", 1)).await.unwrap().into_inner();
+    let created = p
+        .orders()
+        .await
+        .create_order(order("CUST-POOR", "PROD005", 1))
+        .await
+        .unwrap()
+        .into_inner();
     let done = p.final_order(&created.order_id).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(done.reason.contains("payment declined"), "{}", done.reason);
@@ -192,10 +246,11 @@ async fn declined_payment_cancels_and_releases_stock() {
         (available(&p, "PROD005").await == before).then_some(())
     })
     .await;
-    let reserved: i64 = sqlx::query_scalar("SELECT reserved FROM stock WHERE product_id = 'PROD005'")
-        .fetch_one(&p.inventory_db)
-        .await
-        .unwrap();
+    let reserved: i64 =
+        sqlx::query_scalar("SELECT reserved FROM stock WHERE product_id = 'PROD005'")
+            .fetch_one(&p.inventory_db)
+            .await
+            .unwrap();
     assert_eq!(reserved, 0);
     p.stop().await;
 }
@@ -205,19 +260,34 @@ async fn out_of_stock_cancels_and_refunds_payment() {
     let p = Pipeline::start().await;
     p.inventory()
         .await
-        .set_stock(SetStockRequest { product_id: "PROD020".into(), available: 1 })
+        .set_stock(SetStockRequest {
+            product_id: "PROD020".into(),
+            available: 1,
+        })
         .await
         .expect("SetStock");
-    let created = p.orders().await.create_order(order("CUST-OOS", "PROD020", 2)).await.unwrap().into_inner();
+    let created = p
+        .orders()
+        .await
+        .create_order(order("CUST-OOS", "PROD020", 2))
+        .await
+        .unwrap()
+        .into_inner();
     let done = p.final_order(&created.order_id).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
-    assert!(done.reason.contains("inventory rejected"), "{}", done.reason);
+    assert!(
+        done.reason.contains("inventory rejected"),
+        "{}",
+        done.reason
+    );
     assert!(done.reason.contains("PROD020"), "{}", done.reason);
     let refunded = eventually("payment to be refunded", || async {
         let payment = p
             .payments()
             .await
-            .get_payment(GetPaymentRequest { order_id: created.order_id.clone() })
+            .get_payment(GetPaymentRequest {
+                order_id: created.order_id.clone(),
+            })
             .await
             .ok()?
             .into_inner();
@@ -228,7 +298,9 @@ async fn out_of_stock_cancels_and_refunds_payment() {
     let account = p
         .payments()
         .await
-        .get_account(GetAccountRequest { customer_id: "CUST-OOS".into() })
+        .get_account(GetAccountRequest {
+            customer_id: "CUST-OOS".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -242,18 +314,42 @@ async fn last_unit_goes_to_exactly_one_of_two_concurrent_orders() {
     let p = Pipeline::start().await;
     p.inventory()
         .await
-        .set_stock(SetStockRequest { product_id: "PROD019".into(), available: 1 })
+        .set_stock(SetStockRequest {
+            product_id: "PROD019".into(),
+            available: 1,
+        })
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        async { p.orders().await.create_order(order("CUST-A", "PROD019", 1)).await },
-        async { p.orders().await.create_order(order("CUST-B", "PROD019", 1)).await },
+        async {
+            p.orders()
+                .await
+                .create_order(order("CUST-A", "PROD019", 1))
+                .await
+        },
+        async {
+            p.orders()
+                .await
+                .create_order(order("CUST-B", "PROD019", 1))
+                .await
+        },
     );
     let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
     let (a, b) = tokio::join!(p.final_order(&a.order_id), p.final_order(&b.order_id));
-    let confirmed = [&a, &b].iter().filter(|o| o.status == OrderStatus::Confirmed as i32).count();
-    assert_eq!(confirmed, 1, "a: {} {}, b: {} {}", a.status, a.reason, b.status, b.reason);
-    let loser = if a.status == OrderStatus::Confirmed as i32 { &b } else { &a };
+    let confirmed = [&a, &b]
+        .iter()
+        .filter(|o| o.status == OrderStatus::Confirmed as i32)
+        .count();
+    assert_eq!(
+        confirmed, 1,
+        "a: {} {}, b: {} {}",
+        a.status, a.reason, b.status, b.reason
+    );
+    let loser = if a.status == OrderStatus::Confirmed as i32 {
+        &b
+    } else {
+        &a
+    };
     assert!(loser.reason.contains("PROD019"), "{}", loser.reason);
     assert_eq!(available(&p, "PROD019").await, 0);
     p.stop().await;
@@ -264,27 +360,63 @@ async fn grpc_rejects_bad_input_with_status_codes() {
     let p = Pipeline::start().await;
     let mut client = p.orders().await;
     let cases = [
-        (order("", "PROD001", 1), Code::InvalidArgument, "customer_id is required"),
+        (
+            order("", "PROD001", 1),
+            Code::InvalidArgument,
+            "customer_id is required",
+        ),
         (order("C1", "", 1), Code::InvalidArgument, "needs items"),
-        (order("C1", "PROD001", 0), Code::InvalidArgument, "must be positive"),
-        (order("C1", "PROD001", -1), Code::InvalidArgument, "must be positive"),
-        (order("C1", "PROD001", 1_000_000), Code::InvalidArgument, "at most"),
-        (order("C1", "PROD999", 1), Code::NotFound, "unknown product PROD999"),
+        (
+            order("C1", "PROD001", 0),
+            Code::InvalidArgument,
+            "must be positive",
+        ),
+        (
+            order("C1", "PROD001", -1),
+            Code::InvalidArgument,
+            "must be positive",
+        ),
+        (
+            order("C1", "PROD001", 1_000_000),
+            Code::InvalidArgument,
+            "at most",
+        ),
+        (
+            order("C1", "PROD999", 1),
+            Code::NotFound,
+            "unknown product PROD999",
+        ),
     ];
     for (request, code, message) in cases {
-        let status = client.create_order(request.clone()).await.expect_err("rejected");
+        let status = client
+            .create_order(request.clone())
+            .await
+            .expect_err("rejected");
         assert_eq!(status.code(), code, "{request:?}: {status:?}");
-        assert!(status.message().contains(message), "{request:?}: {status:?}");
+        assert!(
+            status.message().contains(message),
+            "{request:?}: {status:?}"
+        );
     }
     let missing = client
-        .get_order(GetOrderRequest { order_id: uuid::Uuid::now_v7().to_string() })
+        .get_order(GetOrderRequest {
+            order_id: uuid::Uuid::now_v7().to_string(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    let malformed = client.get_order(GetOrderRequest { order_id: "nope".into() }).await.unwrap_err();
+    let malformed = client
+        .get_order(GetOrderRequest {
+            order_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
     // Nothing was stored for the rejected requests.
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&p.orders_db).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&p.orders_db)
+        .await
+        .unwrap();
     assert_eq!(stored, 0);
     p.stop().await;
 }
@@ -293,19 +425,58 @@ async fn grpc_rejects_bad_input_with_status_codes() {
 async fn rest_rejects_bad_input_as_json_errors() {
     let p = Pipeline::start().await;
     let http = reqwest::Client::new();
-    let huge = format!(r#"{{"customer_id":"{}","product_id":"PROD001","quantity":1}}"#, "x".repeat(100_000));
+    let huge = format!(
+        r#"{{"customer_id":"{}","product_id":"PROD001","quantity":1}}"#,
+        "x".repeat(100_000)
+    );
     let cases: Vec<(String, u16, &str)> = vec![
         ("{not json".into(), 400, "invalid JSON"),
-        (r#"{"customer_id":"C1","product_id":"PROD001","quantity":"two"}"#.into(), 400, "invalid JSON"),
-        (r#"{"customer_id":42,"product_id":"PROD001","quantity":1}"#.into(), 400, "invalid JSON"),
-        (r#"{"product_id":"PROD001","quantity":1}"#.into(), 400, "customer_id is required"),
-        (r#"{"customer_id":"C1","quantity":1}"#.into(), 400, "needs items"),
-        (r#"{"customer_id":"C1","product_id":"PROD001"}"#.into(), 400, "must be positive"),
-        (r#"{"customer_id":"C1","product_id":"PROD001","quantity":0}"#.into(), 400, "must be positive"),
-        (r#"{"customer_id":"C1","product_id":"PROD001","quantity":99999999}"#.into(), 400, "at most"),
-        (r#"{"customer_id":"C1","product_id":"PROD001","quantity":99999999999}"#.into(), 400, "invalid JSON"),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD001","quantity":"two"}"#.into(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            r#"{"customer_id":42,"product_id":"PROD001","quantity":1}"#.into(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            r#"{"product_id":"PROD001","quantity":1}"#.into(),
+            400,
+            "customer_id is required",
+        ),
+        (
+            r#"{"customer_id":"C1","quantity":1}"#.into(),
+            400,
+            "needs items",
+        ),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD001"}"#.into(),
+            400,
+            "must be positive",
+        ),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD001","quantity":0}"#.into(),
+            400,
+            "must be positive",
+        ),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD001","quantity":99999999}"#.into(),
+            400,
+            "at most",
+        ),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD001","quantity":99999999999}"#.into(),
+            400,
+            "invalid JSON",
+        ),
         (huge, 400, "larger than"),
-        (r#"{"customer_id":"C1","product_id":"PROD999","quantity":1}"#.into(), 404, "unknown product"),
+        (
+            r#"{"customer_id":"C1","product_id":"PROD999","quantity":1}"#.into(),
+            404,
+            "unknown product",
+        ),
     ];
     for (body, status, message) in cases {
         let response = http
@@ -318,9 +489,16 @@ async fn rest_rejects_bad_input_as_json_errors() {
         let short = &body[..body.len().min(80)];
         assert_eq!(response.status().as_u16(), status, "{short}");
         let error: serde_json::Value = response.json().await.expect("JSON error body");
-        let expected_code = if status == 404 { Code::NotFound } else { Code::InvalidArgument };
+        let expected_code = if status == 404 {
+            Code::NotFound
+        } else {
+            Code::InvalidArgument
+        };
         assert_eq!(error["code"], expected_code as i32, "{short}: {error}");
-        assert!(error["message"].as_str().unwrap().contains(message), "{short}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(message),
+            "{short}: {error}"
+        );
         assert!(error["details"].is_array());
     }
     let missing = http
@@ -329,7 +507,11 @@ async fn rest_rejects_bad_input_as_json_errors() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
-    let malformed = http.get(p.rest_url("/api/v1/orders/not-a-uuid")).send().await.unwrap();
+    let malformed = http
+        .get(p.rest_url("/api/v1/orders/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(malformed.status(), 400);
     p.stop().await;
 }
@@ -377,10 +559,15 @@ async fn health_is_not_serving_while_the_database_is_down() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut cfg = payment::Config::from_env().unwrap();
     cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
-    cfg.db = common::config::DbConfig { url: pg.url(), max_connections: 3 };
+    cfg.db = common::config::DbConfig {
+        url: pg.url(),
+        max_connections: 3,
+    };
     cfg.kafka = e2e::test_kafka_config(&id, "payment");
     cfg.pipeline = e2e::test_pipeline_config();
-    let app = payment::Application::build(cfg, shutdown.clone()).await.expect("starts");
+    let app = payment::Application::build(cfg, shutdown.clone())
+        .await
+        .expect("starts");
     let addr = app.grpc_addr();
     let running = tokio::spawn(app.run());
     e2e::wait_serving(addr, "").await;
@@ -390,7 +577,10 @@ async fn health_is_not_serving_while_the_database_is_down() {
         (e2e::health(addr, "").await == Some(e2e::NOT_SERVING)).then_some(())
     })
     .await;
-    assert_eq!(e2e::health(addr, "shop.payment.v1.PaymentService").await, Some(e2e::NOT_SERVING));
+    assert_eq!(
+        e2e::health(addr, "shop.payment.v1.PaymentService").await,
+        Some(e2e::NOT_SERVING)
+    );
 
     pg.start_server();
     eventually("SERVING after the database returned", || async {

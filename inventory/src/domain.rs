@@ -1,0 +1,275 @@
+//! Inventory rules, free of I/O: how an order's lines become one quantity
+//! per product, whether its stock can be reserved (all lines or none), and
+//! what the stock API accepts.
+
+use std::collections::BTreeMap;
+
+/// Longest product id the stock API accepts.
+pub const MAX_PRODUCT_ID_LEN: usize = 64;
+/// Most units `SetStock` accepts for one product; more is taken for a typo.
+pub const MAX_AVAILABLE: i64 = 1_000_000_000_000;
+
+/// Input that can never be applied; the message says why and is safe to
+/// show to the client (or to put in a dead letter's headers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// One product's quantity in an order, after merging its lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub product_id: String,
+    pub quantity: i32,
+}
+
+/// Sums the quantities of lines naming the same product and sorts by
+/// product id. Stock rows are then always locked in one order, so two
+/// orders for overlapping products never deadlock.
+///
+/// An order without lines, a line without a product, or a quantity that is
+/// not positive is invalid: order never publishes one, so it cannot be
+/// applied however often it is retried.
+pub fn merge_lines<'a>(
+    lines: impl IntoIterator<Item = (&'a str, i32)>,
+) -> Result<Vec<Line>, Invalid> {
+    let mut merged: BTreeMap<&str, i32> = BTreeMap::new();
+    for (product_id, quantity) in lines {
+        if product_id.is_empty() {
+            return Err(Invalid("an order line has no product_id".into()));
+        }
+        if quantity <= 0 {
+            return Err(Invalid(format!(
+                "quantity of {product_id} must be positive, got {quantity}"
+            )));
+        }
+        let total = merged.entry(product_id).or_insert(0);
+        *total = total
+            .checked_add(quantity)
+            .ok_or_else(|| Invalid(format!("quantity of {product_id} overflows")))?;
+    }
+    if merged.is_empty() {
+        return Err(Invalid("the order has no items".into()));
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(product_id, quantity)| Line {
+            product_id: product_id.to_owned(),
+            quantity,
+        })
+        .collect())
+}
+
+/// What to do with an order's stock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every line is in stock: reserve them all.
+    Reserve,
+    /// Reserve nothing, for this reason.
+    Reject(String),
+}
+
+/// All or nothing: reserve when every product is known and has enough
+/// units available; otherwise reject, naming each unknown and each short
+/// product, e.g. `unknown product PROD999; out of stock: PROD020 (requested
+/// 5, available 3)`. `available` holds the units of the known products.
+pub fn decide(lines: &[Line], available: &BTreeMap<String, i64>) -> Decision {
+    let mut unknown = Vec::new();
+    let mut short = Vec::new();
+    for line in lines {
+        match available.get(&line.product_id) {
+            None => unknown.push(line.product_id.as_str()),
+            Some(&units) if i64::from(line.quantity) > units => short.push(format!(
+                "{} (requested {}, available {units})",
+                line.product_id, line.quantity
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut reasons = Vec::new();
+    match unknown.as_slice() {
+        [] => {}
+        [one] => reasons.push(format!("unknown product {one}")),
+        many => reasons.push(format!("unknown products {}", many.join(", "))),
+    }
+    if !short.is_empty() {
+        reasons.push(format!("out of stock: {}", short.join(", ")));
+    }
+    if reasons.is_empty() {
+        Decision::Reserve
+    } else {
+        Decision::Reject(reasons.join("; "))
+    }
+}
+
+/// A reservation's state as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Stock is held for the order.
+    Reserved,
+    /// Nothing was held (out of stock, unknown product, or the order was
+    /// cancelled before its `OrderCreated` arrived).
+    Rejected,
+    /// Stock was held, then given back because the order was cancelled.
+    Released,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Reserved => "RESERVED",
+            Status::Rejected => "REJECTED",
+            Status::Released => "RELEASED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "RESERVED" => Some(Status::Reserved),
+            "REJECTED" => Some(Status::Rejected),
+            "RELEASED" => Some(Status::Released),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a product id from the stock API; returns it trimmed.
+pub fn product_id(raw: &str) -> Result<&str, Invalid> {
+    let id = raw.trim();
+    if id.is_empty() {
+        return Err(Invalid("product_id is required".into()));
+    }
+    if id.len() > MAX_PRODUCT_ID_LEN {
+        return Err(Invalid(format!(
+            "product_id is longer than {MAX_PRODUCT_ID_LEN} characters"
+        )));
+    }
+    Ok(id)
+}
+
+/// Checks a stock level given to `SetStock`.
+pub fn available(units: i64) -> Result<i64, Invalid> {
+    if units < 0 {
+        return Err(Invalid(format!(
+            "available must not be negative, got {units}"
+        )));
+    }
+    if units > MAX_AVAILABLE {
+        return Err(Invalid(format!(
+            "available must be at most {MAX_AVAILABLE}, got {units}"
+        )));
+    }
+    Ok(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(product_id: &str, quantity: i32) -> Line {
+        Line {
+            product_id: product_id.into(),
+            quantity,
+        }
+    }
+
+    fn stock(levels: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        levels.iter().map(|(p, n)| ((*p).to_owned(), *n)).collect()
+    }
+
+    #[test]
+    fn merges_lines_per_product_sorted() {
+        let merged = merge_lines([("PROD003", 1), ("PROD001", 2), ("PROD003", 4)]).unwrap();
+        assert_eq!(merged, vec![line("PROD001", 2), line("PROD003", 5)]);
+    }
+
+    #[test]
+    fn rejects_lines_that_can_never_apply() {
+        let cases: [(Vec<(&str, i32)>, &str); 5] = [
+            (vec![], "no items"),
+            (vec![("", 1)], "no product_id"),
+            (vec![("PROD001", 0)], "must be positive, got 0"),
+            (vec![("PROD001", -2)], "must be positive, got -2"),
+            (vec![("PROD001", i32::MAX), ("PROD001", 1)], "overflows"),
+        ];
+        for (lines, expected) in cases {
+            let err = merge_lines(lines.clone()).unwrap_err().0;
+            assert!(
+                err.contains(expected),
+                "{lines:?}: {err:?} should say {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reserves_when_every_line_fits_exactly_or_better() {
+        let lines = [line("PROD001", 2), line("PROD002", 3)];
+        let levels = stock(&[("PROD001", 2), ("PROD002", 10)]);
+        assert_eq!(decide(&lines, &levels), Decision::Reserve);
+    }
+
+    #[test]
+    fn rejects_all_or_nothing_naming_each_short_product() {
+        let levels = stock(&[("PROD001", 100), ("PROD020", 3), ("PROD021", 0)]);
+        assert_eq!(
+            decide(&[line("PROD001", 1), line("PROD020", 5)], &levels),
+            Decision::Reject("out of stock: PROD020 (requested 5, available 3)".into())
+        );
+        assert_eq!(
+            decide(&[line("PROD020", 5), line("PROD021", 1)], &levels),
+            Decision::Reject(
+                "out of stock: PROD020 (requested 5, available 3), \
+                 PROD021 (requested 1, available 0)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_products() {
+        let levels = stock(&[("PROD020", 3)]);
+        assert_eq!(
+            decide(&[line("PROD999", 1)], &levels),
+            Decision::Reject("unknown product PROD999".into())
+        );
+        assert_eq!(
+            decide(
+                &[line("PROD020", 4), line("PROD998", 1), line("PROD999", 1)],
+                &levels
+            ),
+            Decision::Reject(
+                "unknown products PROD998, PROD999; \
+                 out of stock: PROD020 (requested 4, available 3)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn status_round_trips() {
+        for s in [Status::Reserved, Status::Rejected, Status::Released] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::parse("PENDING"), None);
+    }
+
+    #[test]
+    fn stock_api_input() {
+        assert_eq!(product_id(" PROD001 "), Ok("PROD001"));
+        assert!(product_id("  ").unwrap_err().0.contains("required"));
+        assert!(
+            product_id(&"P".repeat(65))
+                .unwrap_err()
+                .0
+                .contains("longer")
+        );
+        assert_eq!(available(0), Ok(0));
+        assert_eq!(available(MAX_AVAILABLE), Ok(MAX_AVAILABLE));
+        assert!(available(-1).unwrap_err().0.contains("negative"));
+        assert!(
+            available(MAX_AVAILABLE + 1)
+                .unwrap_err()
+                .0
+                .contains("at most")
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! The inventory API's errors, mapped once to `tonic::Status`. Internal
+//! details are logged, never sent.
+
+use tonic::Status;
+
+use crate::domain::Invalid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("unknown product {0}")]
+    NotFound(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<InventoryError> for Status {
+    fn from(e: InventoryError) -> Self {
+        match e {
+            InventoryError::Invalid(i) => Status::invalid_argument(i.0),
+            InventoryError::NotFound(_) => Status::not_found(e.to_string()),
+            InventoryError::Db(db) if common::db::is_unavailable(&db) => {
+                tracing::warn!(error = %db, "database unavailable");
+                Status::unavailable("database unavailable; retry later")
+            }
+            InventoryError::Db(db) => {
+                tracing::error!(error = %db, "database error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The inventory service: stock levels, and the inventory side of the saga.
+//!
+//! - [`domain`]: merging an order's lines, the all-or-nothing reservation
+//!   decision and its reason, API input checks (pure).
+//! - [`store`]: the stock database (stock, reservations, their items) and
+//!   the seeding of stock from the shared catalog fixture.
+//! - [`reservations`]: consumes `orders`; `OrderCreated` reserves stock or
+//!   rejects the order, `OrderCancelled` releases it; results go to the
+//!   `inventory` topic through the outbox.
+//! - [`grpc`]: `GetStock` and `SetStock`; [`error`] maps failures to status
+//!   codes.
+//! - [`Application`]: wires it together on the shared plumbing of `common`.
+
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod reservations;
+pub mod store;
+
+use std::net::SocketAddr;
+
+use common::{
+    config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
+    consumer::{self, ConsumeLoop},
+    health,
+    service::{Infra, StartError, Supervisor},
+    topics,
+};
+use shop_proto::inventory::inventory_service_server::{InventoryServiceServer, SERVICE_NAME};
+use tokio_util::sync::CancellationToken;
+
+/// Everything the inventory service reads from the environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `GRPC_ADDR` (default `0.0.0.0:50053`).
+    pub grpc_addr: SocketAddr,
+    /// `DATABASE_URL` (default `postgres://shop:shop@127.0.0.1:5432/inventory`).
+    pub db: DbConfig,
+    /// `KAFKA_*`; consumer group and client id default to `inventory`.
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            grpc_addr: config::var("GRPC_ADDR", ([0, 0, 0, 0], 50053).into())?,
+            db: DbConfig::from_env("inventory")?,
+            kafka: KafkaConfig::from_env("inventory")?,
+            pipeline: PipelineConfig::from_env()?,
+        })
+    }
+}
+
+/// A built, bound, not yet running inventory service.
+pub struct Application {
+    grpc_addr: SocketAddr,
+    supervisor: Supervisor,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects, migrates, seeds stock, binds the gRPC port and spawns every
+    /// task; [`Application::run`] waits for shutdown.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        let infra = Infra::connect(
+            &config.db,
+            config.kafka.clone(),
+            config.pipeline.clone(),
+            &sqlx::migrate!("./migrations"),
+            &shutdown,
+        )
+        .await?;
+        store::seed_stock(&infra.pool).await?;
+        let relay = infra.relay();
+        let notifier = relay.notifier();
+        let supervisor = Supervisor::new(relay);
+
+        let (router, reporter) = common::grpc::router();
+        let router = router.add_service(InventoryServiceServer::new(grpc::InventoryGrpc {
+            pool: infra.pool.clone(),
+        }));
+        let (grpc_listener, grpc_addr) =
+            common::grpc::bind(config.grpc_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "GRPC_ADDR",
+                    source,
+                })?;
+
+        supervisor.spawn(common::grpc::serve(router, grpc_listener, shutdown.clone()));
+        supervisor.spawn(health::monitor(
+            infra.pool.clone(),
+            infra.producer.clone(),
+            reporter,
+            vec![SERVICE_NAME.to_owned()],
+            config.pipeline.health_interval,
+            shutdown.clone(),
+        ));
+        let consumer = consumer::subscribe(&config.kafka, &[config.kafka.topic(topics::ORDERS)])?;
+        supervisor.spawn(
+            ConsumeLoop {
+                consumer,
+                handler: reservations::ReservationHandler {
+                    inventory_topic: config.kafka.topic(topics::INVENTORY),
+                },
+                pool: infra.pool.clone(),
+                producer: infra.producer.clone(),
+                outbox: notifier,
+                group_id: config.kafka.group_id.clone(),
+                config: config.pipeline.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        tracing::info!(%grpc_addr, "inventory service started");
+        Ok(Self {
+            grpc_addr,
+            supervisor,
+            shutdown,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Runs until the shutdown token fires, then stops in order.
+    pub async fn run(self) {
+        self.supervisor.run(self.shutdown).await;
+    }
+}

@@ -1,0 +1,218 @@
+//! The inventory database: stock levels, reservations and their items.
+//!
+//! Functions that take a `PgConnection` run on the caller's transaction
+//! (the consume loop's); the reservation handler in [`crate::reservations`]
+//! decides what to call and enqueues events in the same transaction.
+
+use std::collections::BTreeMap;
+
+use common::catalog;
+use shop_proto::inventory::Stock;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::{Line, Status};
+
+/// Inserts a stock row for each fixture product that has none, with its
+/// initial stock available; never overwrites a level already there.
+pub async fn seed_stock(pool: &PgPool) -> sqlx::Result<()> {
+    let products = catalog::products();
+    let ids: Vec<&str> = products.iter().map(|p| p.product_id.as_str()).collect();
+    let levels: Vec<i64> = products.iter().map(|p| p.initial_stock).collect();
+    sqlx::query(
+        "INSERT INTO stock (product_id, available)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[])
+         ON CONFLICT (product_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&levels)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One product's stock, if the product is known.
+pub async fn get_stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
+    let row: Option<(String, i64, i64)> =
+        sqlx::query_as("SELECT product_id, available, reserved FROM stock WHERE product_id = $1")
+            .bind(product_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(to_stock))
+}
+
+/// Sets the units available (creating the row for a new product); what is
+/// reserved stays as it is.
+pub async fn set_stock(pool: &PgPool, product_id: &str, available: i64) -> sqlx::Result<Stock> {
+    let row: (String, i64, i64) = sqlx::query_as(
+        "INSERT INTO stock (product_id, available) VALUES ($1, $2)
+         ON CONFLICT (product_id) DO UPDATE SET available = EXCLUDED.available, updated_at = now()
+         RETURNING product_id, available, reserved",
+    )
+    .bind(product_id)
+    .bind(available)
+    .fetch_one(pool)
+    .await?;
+    Ok(to_stock(row))
+}
+
+fn to_stock((product_id, available, reserved): (String, i64, i64)) -> Stock {
+    Stock {
+        product_id,
+        available,
+        reserved,
+    }
+}
+
+/// True when the order already has a reservation (whatever its status).
+pub async fn reservation_exists(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM reservations WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// Locks the stock rows of `product_ids` until the transaction ends, always
+/// in product order (so concurrent orders never deadlock on each other),
+/// and returns the units available of those that exist.
+pub async fn lock_stock(
+    conn: &mut PgConnection,
+    product_ids: &[&str],
+) -> sqlx::Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT product_id, available FROM stock WHERE product_id = ANY($1)
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(product_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Moves `lines` from available to reserved (`sign` 1) or back (`sign`
+/// -1) in one statement; the rows must be locked already. Returns how many
+/// rows changed.
+async fn move_stock(conn: &mut PgConnection, lines: &[Line], sign: i64) -> sqlx::Result<u64> {
+    let ids: Vec<&str> = lines.iter().map(|l| l.product_id.as_str()).collect();
+    let quantities: Vec<i64> = lines.iter().map(|l| sign * i64::from(l.quantity)).collect();
+    let done = sqlx::query(
+        "UPDATE stock s
+         SET available = s.available - r.quantity, reserved = s.reserved + r.quantity,
+             updated_at = now()
+         FROM UNNEST($1::text[], $2::bigint[]) AS r(product_id, quantity)
+         WHERE s.product_id = r.product_id",
+    )
+    .bind(&ids)
+    .bind(&quantities)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// available -= q, reserved += q for each line.
+pub async fn take_stock(conn: &mut PgConnection, lines: &[Line]) -> sqlx::Result<u64> {
+    move_stock(conn, lines, 1).await
+}
+
+/// available += q, reserved -= q for each line.
+pub async fn give_back_stock(conn: &mut PgConnection, lines: &[Line]) -> sqlx::Result<u64> {
+    move_stock(conn, lines, -1).await
+}
+
+/// A reservation to insert.
+pub struct NewReservation<'a> {
+    pub order_id: Uuid,
+    pub customer_id: &'a str,
+    pub status: Status,
+    pub reason: &'a str,
+    pub lines: &'a [Line],
+}
+
+/// Inserts a reservation and its items. Returns false, writing nothing, when
+/// the order has one already (a concurrent delivery of the same order got
+/// there first; its transaction has committed by the time this returns).
+pub async fn insert_reservation(
+    conn: &mut PgConnection,
+    new: NewReservation<'_>,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO reservations (order_id, customer_id, status, reason)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(new.order_id)
+    .bind(new.customer_id)
+    .bind(new.status.as_str())
+    .bind(new.reason)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(false);
+    }
+    if !new.lines.is_empty() {
+        let ids: Vec<&str> = new.lines.iter().map(|l| l.product_id.as_str()).collect();
+        let quantities: Vec<i64> = new.lines.iter().map(|l| i64::from(l.quantity)).collect();
+        sqlx::query(
+            "INSERT INTO reservation_items (order_id, product_id, quantity)
+             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])",
+        )
+        .bind(new.order_id)
+        .bind(&ids)
+        .bind(&quantities)
+        .execute(conn)
+        .await?;
+    }
+    Ok(true)
+}
+
+/// Locks an order's reservation until the transaction ends; returns its
+/// customer and status. An unreadable status reads as `None` status.
+pub async fn lock_reservation(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> sqlx::Result<Option<(String, Option<Status>)>> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT customer_id, status FROM reservations WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(customer_id, status)| (customer_id, Status::parse(&status))))
+}
+
+/// The items of a reservation, in product order.
+pub async fn reservation_items(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Vec<Line>> {
+    // Stored as BIGINT; written from i32 quantities, so the cast holds.
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT product_id, quantity::int4 FROM reservation_items
+         WHERE order_id = $1 ORDER BY product_id",
+    )
+    .bind(order_id)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(product_id, quantity)| Line {
+            product_id,
+            quantity,
+        })
+        .collect())
+}
+
+/// Marks a reservation RELEASED with the order's cancel reason.
+pub async fn mark_released(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE reservations SET status = 'RELEASED', reason = $2, updated_at = now()
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

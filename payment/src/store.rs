@@ -1,0 +1,253 @@
+//! The payments database: credit accounts and one payment row per order.
+//! The consumer calls these on its transaction; the gRPC API reads, and
+//! sets credit limits in a transaction of its own.
+
+use chrono::{DateTime, Utc};
+use common::time::to_timestamp;
+use shop_proto::{
+    common::Money,
+    payment::{Account, Payment, PaymentStatus},
+};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{
+    domain::{self, AccountDefaults, Credit, Status},
+    error::PaymentError,
+};
+
+/// Creates the customer's account with the defaults unless it exists.
+pub async fn ensure_account(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    defaults: &AccountDefaults,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
+         VALUES ($1, $2, $3) ON CONFLICT (customer_id) DO NOTHING",
+    )
+    .bind(customer_id)
+    .bind(&defaults.currency)
+    .bind(defaults.credit_limit)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The account, locked until the transaction ends.
+pub async fn lock_account(
+    conn: &mut PgConnection,
+    customer_id: &str,
+) -> sqlx::Result<Option<Credit>> {
+    account(conn, customer_id, true).await
+}
+
+async fn account(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    lock: bool,
+) -> sqlx::Result<Option<Credit>> {
+    let sql = if lock {
+        "SELECT currency, credit_limit_units, used_units FROM accounts
+         WHERE customer_id = $1 FOR UPDATE"
+    } else {
+        "SELECT currency, credit_limit_units, used_units FROM accounts WHERE customer_id = $1"
+    };
+    let row: Option<(String, i64, i64)> = sqlx::query_as(sql)
+        .bind(customer_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|(currency, limit, used)| Credit {
+        currency,
+        limit,
+        used,
+    }))
+}
+
+/// Sets the credit in use (the caller holds the account's lock).
+pub async fn set_used(conn: &mut PgConnection, customer_id: &str, used: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE accounts SET used_units = $2, updated_at = now() WHERE customer_id = $1")
+        .bind(customer_id)
+        .bind(used)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A customer's account; one that does not exist yet is shown as it would
+/// be created (default limit, nothing used) without creating it.
+pub async fn get_account(
+    pool: &PgPool,
+    customer_id: &str,
+    defaults: &AccountDefaults,
+) -> Result<Account, PaymentError> {
+    let mut conn = pool.acquire().await?;
+    let credit = account(&mut conn, customer_id, false)
+        .await?
+        .unwrap_or_else(|| Credit::new(defaults));
+    Ok(account_view(customer_id, &credit))
+}
+
+/// Sets a customer's credit limit, creating the account (in the default
+/// currency) if needed. The limit must be in the account's currency.
+pub async fn set_credit_limit(
+    pool: &PgPool,
+    customer_id: &str,
+    limit: Option<&Money>,
+    defaults: &AccountDefaults,
+) -> Result<Account, PaymentError> {
+    let mut tx = pool.begin().await?;
+    ensure_account(&mut tx, customer_id, defaults).await?;
+    // Just ensured, and accounts are never deleted.
+    let mut credit = lock_account(&mut tx, customer_id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    credit.limit = domain::validate_limit(limit, &credit.currency)?;
+    sqlx::query(
+        "UPDATE accounts SET credit_limit_units = $2, updated_at = now() WHERE customer_id = $1",
+    )
+    .bind(customer_id)
+    .bind(credit.limit)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(account_view(customer_id, &credit))
+}
+
+/// An account as the API shows it: limit, used, and `limit - used`.
+pub fn account_view(customer_id: &str, credit: &Credit) -> Account {
+    let money = |units| {
+        Some(Money {
+            currency: credit.currency.clone(),
+            units,
+        })
+    };
+    Account {
+        customer_id: customer_id.to_owned(),
+        credit_limit: money(credit.limit),
+        used: money(credit.used),
+        available: money(credit.available()),
+    }
+}
+
+/// A payment row as the consumer needs it.
+#[derive(Debug, Clone)]
+pub struct PaymentRow {
+    pub customer_id: String,
+    pub currency: String,
+    pub amount: i64,
+    /// `None` only if the row holds a status this version does not know.
+    pub status: Option<Status>,
+}
+
+/// The order's payment, locked until the transaction ends.
+pub async fn lock_payment(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> sqlx::Result<Option<PaymentRow>> {
+    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT customer_id, currency, amount_units, status FROM payments
+         WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(
+        row.map(|(customer_id, currency, amount, status)| PaymentRow {
+            customer_id,
+            currency,
+            amount,
+            status: Status::parse(&status),
+        }),
+    )
+}
+
+/// A payment decision to record.
+pub struct NewPayment<'a> {
+    pub order_id: Uuid,
+    pub customer_id: &'a str,
+    pub currency: &'a str,
+    pub amount: i64,
+    pub status: Status,
+    pub reason: &'a str,
+}
+
+/// Records the order's payment unless it already has one; returns whether
+/// this call wrote it. A concurrent writer of the same order makes this
+/// wait for its transaction, then return `false` if it committed.
+pub async fn insert_payment(conn: &mut PgConnection, p: &NewPayment<'_>) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(p.order_id)
+    .bind(p.customer_id)
+    .bind(p.currency)
+    .bind(p.amount)
+    .bind(p.status.as_str())
+    .bind(p.reason)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a payment refunded (the caller holds the row's lock).
+pub async fn mark_refunded(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE payments SET status = 'REFUNDED', reason = $2, updated_at = now()
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+type PaymentRecord = (
+    Uuid,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+/// Reads an order's payment as the API shows it.
+pub async fn load_payment(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<Payment>> {
+    let row: Option<PaymentRecord> = sqlx::query_as(
+        "SELECT order_id, customer_id, currency, amount_units, status, reason, created_at, updated_at
+         FROM payments WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(
+        |(order_id, customer_id, currency, amount, status, reason, created, updated)| {
+            let status = match Status::parse(&status) {
+                Some(Status::Approved) => PaymentStatus::Approved,
+                Some(Status::Declined) => PaymentStatus::Declined,
+                Some(Status::Refunded) => PaymentStatus::Refunded,
+                None => PaymentStatus::Unspecified,
+            };
+            Payment {
+                order_id: order_id.to_string(),
+                customer_id,
+                amount: Some(Money {
+                    currency,
+                    units: amount,
+                }),
+                status: status as i32,
+                reason,
+                created_at: Some(to_timestamp(created)),
+                updated_at: Some(to_timestamp(updated)),
+            }
+        },
+    ))
+}

@@ -1,0 +1,10 @@
+//! Operator tooling for the pipeline, usable as a library (the fault suite
+//! runs the invariant checker in-process) and as the `shopctl` binary.
+//!
+//! - [`dlq`]: list and replay dead letters.
+//! - [`invariants`]: check that nothing was lost or done twice.
+//! - [`topic`]: read a topic from the beginning to its current end.
+
+pub mod dlq;
+pub mod invariants;
+pub mod topic;
