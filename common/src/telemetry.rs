@@ -5,8 +5,7 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,h2=warn,tower=warn"));
+    let filter = filter();
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if json {
@@ -16,4 +15,19 @@ pub fn init() {
     } else {
         registry.with(fmt::layer()).try_init()
     };
+}
+
+/// For tests: logs go through the test harness's capture, so they show
+/// only for failing tests. `RUST_LOG` still filters.
+pub fn init_for_tests() {
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(fmt::layer().with_test_writer().with_ansi(false))
+        .try_init();
+}
+
+/// `RUST_LOG`, or info with the chattiest dependencies at warn.
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,h2=warn,tower=warn"))
 }

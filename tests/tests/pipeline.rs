@@ -553,7 +553,7 @@ async fn every_service_serves_health_and_reflection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_is_not_serving_while_the_database_is_down() {
-    common::telemetry::init();
+    common::telemetry::init_for_tests();
     let pg = e2e::scratch_postgres::ScratchPostgres::start();
     let id = e2e::unique_id();
     let shutdown = tokio_util::sync::CancellationToken::new();
