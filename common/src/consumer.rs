@@ -113,14 +113,29 @@ pub fn decode_as<M: prost::Message + Default>(
     })
 }
 
-/// Logs rebalances; partitions revoked mid-batch are handled by idempotence
-/// (a new owner redelivers, `processed_events` drops the duplicate).
-pub struct LoggingContext;
+/// Logs rebalances and counts revocations.
+///
+/// Rebalance callbacks run inside `recv()`, never while a batch is being
+/// applied, so a revoked partition's new owner cannot start before our
+/// batch has committed. The one window is while a batch is being gathered:
+/// records received before a revocation may belong to a partition that is
+/// now someone else's. The loop sees the counter move and drops them; they
+/// were not stored, so their new owner (or we, on reassignment) fetch them
+/// again from the committed offset. Per-partition, hence per-customer,
+/// order holds across rebalances.
+#[derive(Default)]
+pub struct LoggingContext {
+    revocations: std::sync::atomic::AtomicU64,
+}
 
 impl ClientContext for LoggingContext {}
 
 impl ConsumerContext for LoggingContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            self.revocations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         tracing::info!(rebalance = %describe(rebalance), "partitions being rebalanced");
     }
 
@@ -156,10 +171,11 @@ pub fn subscribe(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Fail over quickly when a group member dies (kill -9).
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
-        .create_with_context(LoggingContext)?;
+        // Fail over quickly when a group member dies (kill -9): 6 s is the
+        // broker's default minimum session timeout.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1500")
+        .create_with_context(LoggingContext::default())?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     Ok(consumer)
@@ -210,8 +226,15 @@ impl<H: EventHandler> ConsumeLoop<H> {
     }
 
     /// Waits for one record, then takes whatever else is ready right away,
-    /// up to the batch size.
+    /// up to the batch size. Records gathered before a revocation are
+    /// dropped (see [`LoggingContext`]).
     async fn next_batch(&self) -> Vec<OwnedMessage> {
+        let revocations = || {
+            self.consumer
+                .context()
+                .revocations
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
         let mut batch = Vec::new();
         match self.consumer.recv().await {
             Ok(m) => batch.push(m.detach()),
@@ -221,8 +244,20 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 return batch;
             }
         }
+        // A record returned by a recv() during which a revocation ran comes
+        // from the new assignment; only those gathered before are stale.
+        let mut seen = revocations();
         while batch.len() < self.config.consumer_batch_size {
-            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
+            let next = tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await;
+            if revocations() != seen {
+                seen = revocations();
+                tracing::info!(
+                    dropped = batch.len(),
+                    "rebalanced while gathering a batch; its records are fetched again"
+                );
+                batch.clear();
+            }
+            match next {
                 Ok(Ok(m)) => batch.push(m.detach()),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");

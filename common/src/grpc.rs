@@ -10,19 +10,31 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::Router};
 use tonic_health::server::HealthReporter;
 
-/// Builds a router with health and reflection; add the service's own API to
-/// it. The reporter starts NOT_SERVING until [`crate::health::monitor`] has
-/// checked the dependencies.
-pub fn router() -> (Router, HealthReporter) {
+/// Builds a router with health and reflection for the service named
+/// `service` (e.g. `shop.order.v1.OrderService`); add that service to it.
+/// Reflection advertises only what this server serves, although the
+/// descriptor set describes every API. The reporter starts NOT_SERVING until
+/// [`crate::health::monitor`] has checked the dependencies.
+pub fn router(service: &str) -> (Router, HealthReporter) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let advertised = [
+        service,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let reflection = || {
+        advertised.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .expect("embedded descriptor set is valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
     let router = Server::builder()

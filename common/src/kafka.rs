@@ -44,7 +44,9 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", &cfg.client_id)
         // Loopback brokers: resolve "localhost" to IPv4 first.
-        .set("broker.address.family", "v4");
+        .set("broker.address.family", "v4")
+        // Reconnect within a second of a broker coming back (default: up to 10 s).
+        .set("reconnect.backoff.max.ms", "1000");
     c
 }
 

@@ -31,7 +31,9 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-log "cargo test (first build compiles librdkafka and takes several minutes)"
+log "building the service binaries (the fault suite runs them as processes)"
+cargo build --workspace --bins --quiet
+log "cargo test (one test binary at a time: the fault suite restarts Kafka and PostgreSQL)"
 results="$SHOP_STATE_DIR/logs/test-results.log"
 set +e
 cargo test --workspace "$@" 2>&1 | tee "$results"

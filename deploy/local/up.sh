@@ -24,7 +24,7 @@ step "$here/kafka.sh" start
 step "$here/kafka.sh" create-topics
 step "$here/tools.sh" grpcurl grpc-health-probe
 log "building the services (release; the first build takes several minutes)"
-step cargo build --release --quiet -p order -p payment -p inventory
+step cargo build --release --quiet -p order -p payment -p inventory -p shopctl
 
 declare -A PORTS=([order]=50051 [payment]=50052 [inventory]=50053)
 for svc in payment inventory order; do

@@ -76,7 +76,7 @@ impl Application {
         let notifier = relay.notifier();
         let supervisor = Supervisor::new(relay);
 
-        let (router, reporter) = common::grpc::router();
+        let (router, reporter) = common::grpc::router(SERVICE_NAME);
         let router = router.add_service(InventoryServiceServer::new(grpc::InventoryGrpc {
             pool: infra.pool.clone(),
         }));

@@ -94,7 +94,7 @@ impl Application {
             outbox: notifier.clone(),
         };
 
-        let (router, reporter) = common::grpc::router();
+        let (router, reporter) = common::grpc::router(SERVICE_NAME);
         let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
         let (grpc_listener, grpc_addr) =
             common::grpc::bind(config.grpc_addr)

@@ -106,7 +106,7 @@ impl Application {
         let notifier = relay.notifier();
         let supervisor = Supervisor::new(relay);
 
-        let (router, reporter) = common::grpc::router();
+        let (router, reporter) = common::grpc::router(SERVICE_NAME);
         let router = router.add_service(PaymentServiceServer::new(grpc::PaymentGrpc {
             pool: infra.pool.clone(),
             defaults: defaults.clone(),

@@ -159,6 +159,25 @@ pub async fn check(src: &Sources) -> anyhow::Result<Report> {
         }
     }
 
+    // --- per-customer order ---------------------------------------------
+    // A cancellation applied before its order's creation leaves a marker
+    // row; both events share a key, so a marker means order was broken.
+    let early: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM payments WHERE reason = 'order cancelled before payment'",
+    )
+    .fetch_one(&src.payments)
+    .await?;
+    let early_stock: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE reason = 'order cancelled before reservation'",
+    )
+    .fetch_one(&src.inventory)
+    .await?;
+    if early + early_stock > 0 {
+        v.push(format!(
+            "{early} payments and {early_stock} reservations saw OrderCancelled before OrderCreated"
+        ));
+    }
+
     // --- stock ------------------------------------------------------------
     let confirmed_qty: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
         "SELECT i.product_id, SUM(i.quantity)::bigint FROM order_items i

@@ -547,6 +547,9 @@ async fn every_service_serves_health_and_reflection() {
         let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
         assert!(names.contains(&service), "{names:?}");
         assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+        // Only what this server serves is advertised.
+        let shop_services = names.iter().filter(|n| n.starts_with("shop.")).count();
+        assert_eq!(shop_services, 1, "{names:?}");
     }
     p.stop().await;
 }
