@@ -86,7 +86,7 @@ pub enum HandlerError {
 /// A service's domain, plugged into the loop.
 pub trait EventHandler: Send + Sync + 'static {
     /// The service's decoded event (usually an enum of the types it acts on).
-    type Event: Send + Clone;
+    type Event: Send + Sync + Clone;
 
     /// Decodes a payload by its `event-type`. `Ok(None)` means a known type
     /// this service does not act on.

@@ -14,8 +14,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{ConfigError, DbConfig, KafkaConfig, PipelineConfig},
+    consumer::{self, ConsumeLoop, EventHandler},
     db::{self, DbError},
     kafka::{self, KafkaError},
+    outbox::Notifier,
     outbox::Relay,
 };
 
@@ -115,5 +117,65 @@ impl Supervisor {
         relay_stop.cancel();
         let _ = relay.await;
         tracing::info!("shutdown complete");
+    }
+}
+
+impl Infra {
+    /// Binds `addr`, serves `router` (the service's API on top of
+    /// [`crate::grpc::router`]) and keeps `reporter` following the database
+    /// and broker for `service_name`. Returns the address really bound.
+    pub async fn serve_grpc(
+        &self,
+        supervisor: &Supervisor,
+        router: tonic::transport::server::Router,
+        reporter: tonic_health::server::HealthReporter,
+        service_name: &str,
+        addr: std::net::SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<std::net::SocketAddr, StartError> {
+        let (listener, bound) =
+            crate::grpc::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "GRPC_ADDR",
+                    source,
+                })?;
+        supervisor.spawn(crate::grpc::serve(router, listener, shutdown.clone()));
+        supervisor.spawn(crate::health::monitor(
+            self.pool.clone(),
+            self.producer.clone(),
+            reporter,
+            vec![service_name.to_owned()],
+            self.pipeline.health_interval,
+            shutdown.clone(),
+        ));
+        Ok(bound)
+    }
+
+    /// Subscribes to `topics` (pipeline names, without prefix) and runs
+    /// `handler` in the consume loop until shutdown.
+    pub fn spawn_consumer<H: EventHandler>(
+        &self,
+        supervisor: &Supervisor,
+        topics: &[&str],
+        handler: H,
+        outbox: Notifier,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StartError> {
+        let names: Vec<String> = topics.iter().map(|t| self.kafka.topic(t)).collect();
+        let consumer = consumer::subscribe(&self.kafka, &names)?;
+        supervisor.spawn(
+            ConsumeLoop {
+                consumer,
+                handler,
+                pool: self.pool.clone(),
+                producer: self.producer.clone(),
+                outbox,
+                group_id: self.kafka.group_id.clone(),
+                config: self.pipeline.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        Ok(())
     }
 }

@@ -21,8 +21,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    consumer::{self, ConsumeLoop},
-    health,
     service::{Infra, StartError, Supervisor},
     topics,
 };
@@ -96,13 +94,6 @@ impl Application {
 
         let (router, reporter) = common::grpc::router(SERVICE_NAME);
         let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
-        let (grpc_listener, grpc_addr) =
-            common::grpc::bind(config.grpc_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "GRPC_ADDR",
-                    source,
-                })?;
         let (http_listener, http_addr) =
             common::grpc::bind(config.http_addr)
                 .await
@@ -111,7 +102,16 @@ impl Application {
                     source,
                 })?;
 
-        supervisor.spawn(common::grpc::serve(router, grpc_listener, shutdown.clone()));
+        let grpc_addr = infra
+            .serve_grpc(
+                &supervisor,
+                router,
+                reporter,
+                SERVICE_NAME,
+                config.grpc_addr,
+                &shutdown,
+            )
+            .await?;
         let http_shutdown = shutdown.clone();
         supervisor.spawn(async move {
             let server = axum::serve(http_listener, rest::router(api))
@@ -121,35 +121,15 @@ impl Application {
             }
             tracing::info!("REST server stopped");
         });
-        supervisor.spawn(health::monitor(
-            infra.pool.clone(),
-            infra.producer.clone(),
-            reporter,
-            vec![SERVICE_NAME.to_owned()],
-            config.pipeline.health_interval,
-            shutdown.clone(),
-        ));
-        let consumer = consumer::subscribe(
-            &config.kafka,
-            &[
-                config.kafka.topic(topics::PAYMENTS),
-                config.kafka.topic(topics::INVENTORY),
-            ],
+        infra.spawn_consumer(
+            &supervisor,
+            &[topics::PAYMENTS, topics::INVENTORY],
+            saga::SagaHandler {
+                orders_topic: orders_topic.clone(),
+            },
+            notifier.clone(),
+            &shutdown,
         )?;
-        supervisor.spawn(
-            ConsumeLoop {
-                consumer,
-                handler: saga::SagaHandler {
-                    orders_topic: orders_topic.clone(),
-                },
-                pool: infra.pool.clone(),
-                producer: infra.producer.clone(),
-                outbox: notifier.clone(),
-                group_id: config.kafka.group_id.clone(),
-                config: config.pipeline.clone(),
-            }
-            .run(shutdown.clone()),
-        );
         supervisor.spawn(saga::sweep_deadlines(
             infra.pool.clone(),
             orders_topic,

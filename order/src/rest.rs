@@ -24,9 +24,12 @@ pub fn router(api: OrderApi) -> Router {
         .route("/api/v1/orders/{order_id}", get(get_order))
         .fallback(|| async { ApiError(tonic::Status::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
-            ApiError(tonic::Status::unimplemented(
+            let mut response = ApiError(tonic::Status::unimplemented(
                 "method not allowed on this route",
             ))
+            .into_response();
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            response
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)

@@ -21,8 +21,6 @@ use std::net::SocketAddr;
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    consumer::{self, ConsumeLoop},
-    health,
     service::{Infra, StartError, Supervisor},
     topics,
 };
@@ -111,39 +109,26 @@ impl Application {
             pool: infra.pool.clone(),
             defaults: defaults.clone(),
         }));
-        let (grpc_listener, grpc_addr) =
-            common::grpc::bind(config.grpc_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "GRPC_ADDR",
-                    source,
-                })?;
-
-        supervisor.spawn(common::grpc::serve(router, grpc_listener, shutdown.clone()));
-        supervisor.spawn(health::monitor(
-            infra.pool.clone(),
-            infra.producer.clone(),
-            reporter,
-            vec![SERVICE_NAME.to_owned()],
-            config.pipeline.health_interval,
-            shutdown.clone(),
-        ));
-        let consumer = consumer::subscribe(&config.kafka, &[config.kafka.topic(topics::ORDERS)])?;
-        supervisor.spawn(
-            ConsumeLoop {
-                consumer,
-                handler: saga::PaymentHandler {
-                    payments_topic: config.kafka.topic(topics::PAYMENTS),
-                    defaults,
-                },
-                pool: infra.pool.clone(),
-                producer: infra.producer.clone(),
-                outbox: notifier,
-                group_id: config.kafka.group_id.clone(),
-                config: config.pipeline.clone(),
-            }
-            .run(shutdown.clone()),
-        );
+        let grpc_addr = infra
+            .serve_grpc(
+                &supervisor,
+                router,
+                reporter,
+                SERVICE_NAME,
+                config.grpc_addr,
+                &shutdown,
+            )
+            .await?;
+        infra.spawn_consumer(
+            &supervisor,
+            &[topics::ORDERS],
+            saga::PaymentHandler {
+                payments_topic: config.kafka.topic(topics::PAYMENTS),
+                defaults,
+            },
+            notifier,
+            &shutdown,
+        )?;
         tracing::info!(%grpc_addr, "payment service started");
         Ok(Self {
             grpc_addr,

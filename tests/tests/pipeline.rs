@@ -513,6 +513,20 @@ async fn rest_rejects_bad_input_as_json_errors() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), 400);
+    let wrong_method = http
+        .delete(p.rest_url("/api/v1/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let body: serde_json::Value = wrong_method.json().await.unwrap();
+    assert_eq!(body["code"], Code::Unimplemented as i32);
+    let no_route = http
+        .get(p.rest_url("/api/v2/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_route.status(), 404);
     p.stop().await;
 }
 
