@@ -42,7 +42,7 @@ pub fn millis(name: &str, default_ms: u64) -> Result<Duration, ConfigError> {
 pub struct DbConfig {
     /// `DATABASE_URL`; the default names the service's own database.
     pub url: String,
-    /// `DATABASE_MAX_CONNECTIONS` (default 10).
+    /// `DATABASE_MAX_CONNECTIONS` (default 20).
     pub max_connections: u32,
 }
 
@@ -54,7 +54,7 @@ impl DbConfig {
                 "DATABASE_URL",
                 format!("postgres://shop:shop@127.0.0.1:5432/{database}"),
             )?,
-            max_connections: var("DATABASE_MAX_CONNECTIONS", 10)?,
+            max_connections: var("DATABASE_MAX_CONNECTIONS", 20)?,
         })
     }
 }

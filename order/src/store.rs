@@ -77,11 +77,12 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
     }
     let order_id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
+    let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
         "INSERT INTO orders (order_id, customer_id, status, currency, total_units,
                              idempotency_key, request_hash, deadline_at)
          VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, now() + make_interval(secs => $7))
-         ON CONFLICT (idempotency_key) DO NOTHING",
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING created_at",
     )
     .bind(order_id)
     .bind(new.customer_id)
@@ -90,16 +91,16 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
     .bind(new.idempotency.map(|(k, _)| k))
     .bind(new.idempotency.map(|(_, h)| h))
     .bind(new.deadline.as_secs_f64())
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if inserted.rows_affected() == 0 {
+    let Some(created_at) = inserted else {
         // A concurrent request with the same key won the race.
         drop(tx);
         let (key, hash) = new.idempotency.expect("only the key can conflict");
         return by_idempotency_key(pool, key, hash)
             .await?
             .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
-    }
+    };
     let line_nos: Vec<i32> = (1..=new.lines.len() as i32).collect();
     let products: Vec<&str> = new.lines.iter().map(|l| l.product_id.as_str()).collect();
     let quantities: Vec<i32> = new.lines.iter().map(|l| l.quantity).collect();
@@ -142,9 +143,24 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
         &event,
     );
     outbox::enqueue(&mut tx, &[outgoing]).await?;
-    let order = load(&mut tx, order_id).await?.expect("just inserted");
     tx.commit().await?;
-    Ok(order)
+    // Built from what was written rather than read back: one round trip less.
+    Ok(to_proto(
+        OrderRow {
+            order_id,
+            customer_id: new.customer_id.to_owned(),
+            status: Status::Pending.as_str().to_owned(),
+            reason: String::new(),
+            currency: new.currency.to_owned(),
+            total: new.total,
+            created_at,
+            updated_at: created_at,
+        },
+        new.lines
+            .iter()
+            .map(|l| (l.product_id.clone(), l.quantity, l.unit_price))
+            .collect(),
+    ))
 }
 
 async fn by_idempotency_key(
@@ -169,16 +185,19 @@ async fn by_idempotency_key(
     }
 }
 
-type OrderRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// An `orders` row.
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    customer_id: String,
+    status: String,
+    reason: String,
+    currency: String,
+    #[sqlx(rename = "total_units")]
+    total: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
 
 /// Reads an order with its items.
 pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Order>> {
@@ -189,8 +208,7 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Optio
     .bind(order_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((order_id, customer_id, status, reason, currency, total, created, updated)) = row
-    else {
+    let Some(row) = row else {
         return Ok(None);
     };
     let items: Vec<(String, i32, i64)> = sqlx::query_as(
@@ -200,19 +218,24 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Optio
     .bind(order_id)
     .fetch_all(&mut *conn)
     .await?;
+    Ok(Some(to_proto(row, items)))
+}
+
+/// The API view of an order row and its `(product, quantity, unit price)` items.
+fn to_proto(row: OrderRow, items: Vec<(String, i32, i64)>) -> Order {
     let money = |units| Money {
-        currency: currency.clone(),
+        currency: row.currency.clone(),
         units,
     };
-    let status = match Status::parse(&status) {
+    let status = match Status::parse(&row.status) {
         Some(Status::Pending) => OrderStatus::Pending,
         Some(Status::Confirmed) => OrderStatus::Confirmed,
         Some(Status::Cancelled) => OrderStatus::Cancelled,
         None => OrderStatus::Unspecified,
     };
-    Ok(Some(Order {
-        order_id: order_id.to_string(),
-        customer_id,
+    Order {
+        order_id: row.order_id.to_string(),
+        customer_id: row.customer_id.clone(),
         items: items
             .into_iter()
             .map(|(product_id, quantity, unit)| OrderItem {
@@ -222,10 +245,10 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Optio
                 line_total: Some(money(unit * i64::from(quantity))),
             })
             .collect(),
-        total: Some(money(total)),
+        total: Some(money(row.total)),
         status: status as i32,
-        reason,
-        created_at: Some(to_timestamp(created)),
-        updated_at: Some(to_timestamp(updated)),
-    }))
+        reason: row.reason.clone(),
+        created_at: Some(to_timestamp(row.created_at)),
+        updated_at: Some(to_timestamp(row.updated_at)),
+    }
 }
