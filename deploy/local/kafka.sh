@@ -2,7 +2,7 @@
 # Real Apache Kafka 4.x, single node in KRaft mode (broker + controller in one JVM), no containers.
 # The jars come from Maven Central via mvn and are cached in $SHOP_CACHE_DIR, shared by clones.
 #
-# usage: deploy/local/kafka.sh {install|start|stop|restart|status|kill|create-topics}
+# usage: deploy/local/kafka.sh {install|start|stop|restart|status|kill|create-topics|delete-test-topics}
 #   env: KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
 #        KAFKA_TOPIC_PREFIX (""), KAFKA_PARTITIONS (6), SHOP_CACHE_DIR, SHOP_STATE_DIR
 set -euo pipefail
@@ -400,8 +400,23 @@ cmd_create_topics() {
   log "topics ready: ${TOPICS[*]/#/$prefix}"
 }
 
+# delete-test-topics: remove the per-test topics (t<id>.*) earlier test runs left behind,
+# so that a developer's broker does not accumulate thousands of partitions.
+cmd_delete_test_topics() {
+  ensure_kcat
+  broker_answers || die "Kafka is not answering on $KAFKA_BOOTSTRAP; run '$0 start' first"
+  cmd_install
+  write_log4j_configs
+  if ! kcat -b "$KAFKA_BOOTSTRAP" -L -m 5 2>/dev/null | grep -qE '^ *topic "t[0-9a-f]{12}\.'; then
+    return 0
+  fi
+  log "deleting topics left by earlier test runs"
+  kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
+    --delete --if-exists --topic 't[0-9a-f]{12}\..*' >/dev/null
+}
+
 usage() {
-  echo "usage: $0 {install|start|stop|restart|status|kill|create-topics}" >&2
+  echo "usage: $0 {install|start|stop|restart|status|kill|create-topics|delete-test-topics}" >&2
   exit 2
 }
 
@@ -416,5 +431,6 @@ case "${1:-}" in
   status) cmd_status ;;
   kill) cmd_kill ;;
   create-topics) cmd_create_topics ;;
+  delete-test-topics) cmd_delete_test_topics ;;
   *) usage ;;
 esac

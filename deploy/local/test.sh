@@ -27,6 +27,8 @@ psql -qAt "postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/postgres" \
       -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
   done
 
+"$here/kafka.sh" delete-test-topics
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"

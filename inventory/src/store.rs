@@ -14,15 +14,21 @@ use uuid::Uuid;
 use crate::domain::{Line, Status};
 
 /// Inserts a stock row for each fixture product that has none, with its
-/// initial stock available; never overwrites a level already there.
+/// initial stock available; never overwrites a level already there. Each
+/// row seeded is recorded in the stock ledger.
 pub async fn seed_stock(pool: &PgPool) -> sqlx::Result<()> {
     let products = catalog::products();
     let ids: Vec<&str> = products.iter().map(|p| p.product_id.as_str()).collect();
     let levels: Vec<i64> = products.iter().map(|p| p.initial_stock).collect();
     sqlx::query(
-        "INSERT INTO stock (product_id, available)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[])
-         ON CONFLICT (product_id) DO NOTHING",
+        "WITH seeded AS (
+             INSERT INTO stock (product_id, available)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[])
+             ON CONFLICT (product_id) DO NOTHING
+             RETURNING product_id, available
+         )
+         INSERT INTO stock_adjustments (product_id, delta, reason)
+         SELECT product_id, available, 'seeded from the catalog' FROM seeded",
     )
     .bind(&ids)
     .bind(&levels)
@@ -42,8 +48,14 @@ pub async fn get_stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<S
 }
 
 /// Sets the units available (creating the row for a new product); what is
-/// reserved stays as it is.
+/// reserved stays as it is. The change is recorded in the stock ledger.
 pub async fn set_stock(pool: &PgPool, product_id: &str, available: i64) -> sqlx::Result<Stock> {
+    let mut tx = pool.begin().await?;
+    let before: Option<i64> =
+        sqlx::query_scalar("SELECT available FROM stock WHERE product_id = $1 FOR UPDATE")
+            .bind(product_id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let row: (String, i64, i64) = sqlx::query_as(
         "INSERT INTO stock (product_id, available) VALUES ($1, $2)
          ON CONFLICT (product_id) DO UPDATE SET available = EXCLUDED.available, updated_at = now()
@@ -51,8 +63,19 @@ pub async fn set_stock(pool: &PgPool, product_id: &str, available: i64) -> sqlx:
     )
     .bind(product_id)
     .bind(available)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    let delta = available - before.unwrap_or(0);
+    if delta != 0 {
+        sqlx::query(
+            "INSERT INTO stock_adjustments (product_id, delta, reason) VALUES ($1, $2, 'SetStock')",
+        )
+        .bind(product_id)
+        .bind(delta)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(to_stock(row))
 }
 

@@ -3,10 +3,10 @@
 //! hold, with the figures that describe the run.
 //!
 //! Run it when the pipeline is quiet (no order PENDING); the fault suite
-//! waits for that first. Stock conservation assumes stock was only changed
-//! by orders (not by `SetStock`) since the catalog seeded it.
+//! polls it until it holds or a deadline passes. Stock is checked against
+//! inventory's ledger of adjustments (the seed and every `SetStock`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use rdkafka::Message;
 use serde::Serialize;
@@ -21,8 +21,6 @@ pub struct Sources {
     pub payments: PgPool,
     pub inventory: PgPool,
     pub kafka: KafkaConfig,
-    /// Stock each product started with.
-    pub initial_stock: BTreeMap<String, i64>,
 }
 
 /// What the checker counted.
@@ -187,18 +185,19 @@ pub async fn check(src: &Sources) -> anyhow::Result<Report> {
     .await?
     .into_iter()
     .collect();
-    let stock: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT product_id, available, reserved FROM stock")
-            .fetch_all(&src.inventory)
-            .await?;
-    for (product, available, reserved) in stock {
-        let Some(initial) = src.initial_stock.get(&product) else {
-            continue;
-        };
+    let stock: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.product_id, s.available, s.reserved,
+                COALESCE((SELECT SUM(delta) FROM stock_adjustments a
+                          WHERE a.product_id = s.product_id), 0)::bigint
+         FROM stock s",
+    )
+    .fetch_all(&src.inventory)
+    .await?;
+    for (product, available, reserved, stocked) in stock {
         let sold = confirmed_qty.get(&product).copied().unwrap_or(0);
-        if initial != &(available + sold) {
+        if stocked != available + sold {
             v.push(format!(
-                "{product}: initial {initial} != available {available} + confirmed {sold}"
+                "{product}: stocked {stocked} != available {available} + confirmed {sold}"
             ));
         }
         if reserved != sold {

@@ -102,10 +102,6 @@ async fn main() -> anyhow::Result<()> {
                 payments: PgPool::connect(&payments_db).await?,
                 inventory: PgPool::connect(&inventory_db).await?,
                 kafka,
-                initial_stock: common::catalog::products()
-                    .into_iter()
-                    .map(|p| (p.product_id, p.initial_stock))
-                    .collect(),
             };
             let report = shopctl::invariants::check(&sources).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

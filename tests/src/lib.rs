@@ -98,6 +98,8 @@ pub struct Options {
     pub order_deadline: Duration,
     /// false: inventory never runs, so no order gets its stock result.
     pub run_inventory: bool,
+    /// How long published outbox rows are kept.
+    pub outbox_retention: Duration,
 }
 
 impl Default for Options {
@@ -105,6 +107,7 @@ impl Default for Options {
         Self {
             order_deadline: Duration::from_secs(120),
             run_inventory: true,
+            outbox_retention: Duration::from_secs(3600),
         }
     }
 }
@@ -123,6 +126,10 @@ impl Pipeline {
             create_database(format!("t_{id}_payments")),
             create_database(format!("t_{id}_inventory")),
         );
+        let pipeline_config = || PipelineConfig {
+            outbox_retention: options.outbox_retention,
+            ..test_pipeline_config()
+        };
         let db = |url: &str| DbConfig {
             url: url.to_owned(),
             max_connections: 5,
@@ -132,13 +139,13 @@ impl Pipeline {
         payment_cfg.grpc_addr = loopback();
         payment_cfg.db = db(&payments_url);
         payment_cfg.kafka = test_kafka_config(&id, "payment");
-        payment_cfg.pipeline = test_pipeline_config();
+        payment_cfg.pipeline = pipeline_config();
 
         let mut inventory_cfg = inventory::Config::from_env().expect("inventory config");
         inventory_cfg.grpc_addr = loopback();
         inventory_cfg.db = db(&inventory_url);
         inventory_cfg.kafka = test_kafka_config(&id, "inventory");
-        inventory_cfg.pipeline = test_pipeline_config();
+        inventory_cfg.pipeline = pipeline_config();
 
         let mut order_cfg = order::Config::from_env().expect("order config");
         order_cfg.grpc_addr = loopback();
@@ -147,7 +154,7 @@ impl Pipeline {
         order_cfg.sweep_interval = Duration::from_millis(200);
         order_cfg.db = db(&orders_url);
         order_cfg.kafka = test_kafka_config(&id, "order");
-        order_cfg.pipeline = test_pipeline_config();
+        order_cfg.pipeline = pipeline_config();
 
         let run_inventory = options.run_inventory;
         let inventory_shutdown = shutdown.clone();
@@ -269,6 +276,16 @@ impl Pipeline {
             .await
             .expect("read counter")
             .unwrap_or(0)
+    }
+
+    /// The invariant checker's view of this pipeline.
+    pub fn invariant_sources(&self) -> shopctl::invariants::Sources {
+        shopctl::invariants::Sources {
+            orders: self.orders_db.clone(),
+            payments: self.payments_db.clone(),
+            inventory: self.inventory_db.clone(),
+            kafka: self.kafka(),
+        }
     }
 
     /// Graceful shutdown: waits until every task has stopped.

@@ -375,6 +375,7 @@ async fn order_past_its_deadline_is_cancelled_and_compensated() {
     let p = Pipeline::start_with(Options {
         order_deadline: Duration::from_secs(2),
         run_inventory: false,
+        ..Options::default()
     })
     .await;
     let created = p
@@ -407,5 +408,109 @@ async fn order_past_its_deadline_is_cancelled_and_compensated() {
         count_events(&p, "orders", events::OrderCancelled::EVENT_TYPE),
         1
     );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn published_outbox_rows_are_marked_then_pruned() {
+    let p = Pipeline::start_with(Options {
+        outbox_retention: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let created = p
+        .orders()
+        .await
+        .create_order(order("CUST-PRUNE", "PROD008", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        p.final_order(&created.order_id).await.status,
+        OrderStatus::Confirmed as i32
+    );
+    // OrderCreated and OrderConfirmed were published, so nothing is pending,
+    // and once older than the retention they are deleted.
+    for db in [&p.orders_db, &p.payments_db, &p.inventory_db] {
+        eventually("published outbox rows to be pruned", || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(db)
+                .await
+                .ok()?;
+            (left == 0).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        count_events(&p, "orders", events::OrderConfirmed::EVENT_TYPE),
+        1
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_passes_a_clean_run_and_catches_tampering() {
+    let p = Pipeline::start().await;
+    let mut client = p.orders().await;
+    let mut ids = Vec::new();
+    for (customer, product, quantity) in [
+        ("CUST-C1", "PROD001", 2),
+        ("CUST-C2", "PROD020", 5),
+        ("CUST-C3", "PROD010", 3),
+    ] {
+        ids.push(
+            client
+                .create_order(order(customer, product, quantity, ""))
+                .await
+                .unwrap()
+                .into_inner()
+                .order_id,
+        );
+    }
+    p.inventory()
+        .await
+        .set_stock(shop_proto::inventory::SetStockRequest {
+            product_id: "PROD002".into(),
+            available: 7,
+        })
+        .await
+        .unwrap();
+    for id in &ids {
+        p.final_order(id).await;
+    }
+    let sources = p.invariant_sources();
+    let report = eventually("the invariants to hold", || async {
+        let report = shopctl::invariants::check(&sources).await.ok()?;
+        report.ok().then_some(report)
+    })
+    .await;
+    // One confirmed; one out of stock (PROD020 has 3); one over the credit limit.
+    assert_eq!(
+        (
+            report.figures.orders,
+            report.figures.confirmed,
+            report.figures.cancelled
+        ),
+        (3, 1, 2)
+    );
+
+    // Each kind of damage is reported.
+    sqlx::query("UPDATE stock SET available = available + 1 WHERE product_id = 'PROD001'")
+        .execute(&p.inventory_db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE payments SET amount_units = amount_units + 1 WHERE status = 'APPROVED'")
+        .execute(&p.payments_db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM processed_events WHERE event_id = (SELECT event_id FROM processed_events LIMIT 1)")
+        .execute(&p.orders_db)
+        .await
+        .unwrap();
+    let report = shopctl::invariants::check(&sources).await.unwrap();
+    let text = report.violations.join("\n");
+    assert!(text.contains("PROD001: stocked"), "{text}");
+    assert!(text.contains("charged"), "{text}");
+    assert!(text.contains("order: 1 events never applied"), "{text}");
     p.stop().await;
 }

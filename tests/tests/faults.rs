@@ -427,10 +427,6 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         payments: pool(&payments_url),
         inventory: pool(&inventory_url),
         kafka: e2e::test_kafka_config(&id, "checker"),
-        initial_stock: common::catalog::products()
-            .into_iter()
-            .map(|p| (p.product_id, p.initial_stock))
-            .collect(),
     };
     // The pipeline settles (compensations, relays) within the deadline; the
     // checker must then find no violation.
