@@ -4,6 +4,8 @@
 #      the intake latency and rate.
 #   2. Then it waits until every one of those orders is decided and prints
 #      the end-to-end rate: orders created -> CONFIRMED/CANCELLED per second.
+#   3. k6 posts REST orders at a constant K6_RATE per second (default 200)
+#      for K6_DURATION (default 20s) and prints latency at that steady rate.
 #
 # usage: deploy/local/bench.sh [ORDERS (default 20000)] [CONCURRENCY (default 50)]
 set -euo pipefail
@@ -15,7 +17,7 @@ orders="${1:-20000}"
 concurrency="${2:-50}"
 db="postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/orders"
 
-"$REPO/deploy/local/tools.sh" ghz
+"$REPO/deploy/local/tools.sh" ghz k6 grpcurl grpc-health-probe
 grpc-health-probe -addr=127.0.0.1:50051 >/dev/null || die "order is not SERVING on 127.0.0.1:50051: run deploy/local/up.sh"
 
 # Restock generously so that the benchmark measures the pipeline, not stock-outs.
@@ -45,3 +47,6 @@ done
 rate="$(awk -v n="$total" -v s="$seconds" 'BEGIN { printf "%.0f", (s > 0 ? n / s : 0) }')"
 printf '\nend to end: %s orders (%s confirmed) created and decided in %s s: %s orders/s\n' \
   "$total" "$confirmed" "$seconds" "$rate"
+
+log "k6: REST POST /api/v1/orders at ${K6_RATE:-200}/s for ${K6_DURATION:-20s} (ghz/k6/rest_orders.js)"
+k6 run -q -e RATE="${K6_RATE:-200}" -e DURATION="${K6_DURATION:-20s}" ghz/k6/rest_orders.js

