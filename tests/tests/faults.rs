@@ -340,6 +340,12 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let outbox_dbs: HashMap<&str, PgPool> = HashMap::from([
+        ("order", PgPool::connect_lazy(&orders_url).unwrap()),
+        ("payment-a", PgPool::connect_lazy(&payments_url).unwrap()),
+        ("inventory", PgPool::connect_lazy(&inventory_url).unwrap()),
+    ]);
+    let mut left_pending = 0;
     let started = Instant::now();
     let mut faults: Vec<(String, Duration)> = Vec::new();
     for round in 1..=rounds {
@@ -358,8 +364,18 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
                     let name = fault.trim_start_matches("kill -9 ");
                     let service = services.get_mut(name).unwrap();
                     service.kill9();
+                    // What the dead relay left unpublished: the restarted one
+                    // must publish it (and consumers drop what it repeats).
+                    let db = &outbox_dbs[name];
+                    let pending: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    )
+                    .fetch_one(db)
+                    .await
+                    .unwrap();
+                    left_pending += pending;
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    service.start();
+                    services.get_mut(name).unwrap().start();
                 }
                 "restart kafka" => {
                     // Round 1 a clean restart, later rounds a SIGKILL of the broker.
@@ -497,7 +513,8 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     writeln!(
         out,
         "   orders {} (accepted by the load client {accepted}, the rest are probes; client retries {}): confirmed {}, cancelled {}\n   \
-         duplicate records on topics {}, duplicates suppressed by consumers {}, dead letters {}\n   \
+         outbox rows a killed relay left pending {left_pending}, duplicate records on topics {}, \
+         duplicates suppressed by consumers {}, dead letters {}\n   \
          charged {} = confirmed totals {}; refunds {}; releases {}; max recovery {max_recovery:.1?}; settled in {:.1?}\n   \
          invariants: OK",
         f.orders,
