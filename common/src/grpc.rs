@@ -13,8 +13,9 @@ use tonic_health::server::HealthReporter;
 /// Builds a router with health and reflection for the service named
 /// `service` (e.g. `shop.order.v1.OrderService`); add that service to it.
 /// Reflection advertises only what this server serves, although the
-/// descriptor set describes every API. The reporter starts NOT_SERVING until
-/// [`crate::health::monitor`] has checked the dependencies.
+/// descriptor set describes every API. [`crate::service::Infra::serve_grpc`]
+/// turns the reporter NOT_SERVING until [`crate::health::monitor`] has
+/// checked the dependencies.
 pub fn router(service: &str) -> (Router, HealthReporter) {
     let (reporter, health) = tonic_health::server::health_reporter();
     let advertised = [

@@ -89,7 +89,7 @@ pub async fn monitor(
 
 /// Named services first, the overall status last: whoever sees "" change
 /// can rely on the named ones having changed too.
-async fn set_all(reporter: &HealthReporter, services: &[String], status: ServingStatus) {
+pub(crate) async fn set_all(reporter: &HealthReporter, services: &[String], status: ServingStatus) {
     for s in services {
         reporter.set_service_status(s, status).await;
     }

@@ -133,6 +133,14 @@ impl Infra {
         addr: std::net::SocketAddr,
         shutdown: &CancellationToken,
     ) -> Result<std::net::SocketAddr, StartError> {
+        // tonic-health starts "" as SERVING; nothing is known yet.
+        let services = vec![service_name.to_owned()];
+        crate::health::set_all(
+            &reporter,
+            &services,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
         let (listener, bound) =
             crate::grpc::bind(addr)
                 .await
@@ -145,7 +153,7 @@ impl Infra {
             self.pool.clone(),
             self.producer.clone(),
             reporter,
-            vec![service_name.to_owned()],
+            services,
             self.pipeline.health_interval,
             shutdown.clone(),
         ));
