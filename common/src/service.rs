@@ -1,12 +1,22 @@
 //! Start-up and shutdown shared by the services.
 //!
-//! [`Infra::connect`] brings up what every service needs (pool with
-//! migrations, idempotent producer, topics); [`Supervisor`] runs the tasks
+//! Start-up: [`Infra::new`] creates the pool and the idempotent producer;
+//! [`Infra::serve_grpc`] opens the gRPC port at once (health NOT_SERVING,
+//! the API UNAVAILABLE) so that probes get answers while [`Infra::prepare`]
+//! waits for the database and broker, runs migrations and creates topics;
+//! [`Infra::ready`] then opens the API and lets health follow the
+//! dependencies. [`Supervisor`] runs the tasks
 //! and shuts them down in order: servers and consumers first, so that no new
 //! work arrives and in-flight work commits, then the outbox relay, which
 //! publishes what they wrote and flushes the producer.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, migrate::Migrator};
@@ -59,29 +69,93 @@ pub struct Infra {
 }
 
 impl Infra {
-    /// Connects and prepares: migrations (waiting for the database), the
-    /// producer, and the pipeline's topics (waiting for the broker).
-    pub async fn connect(
+    /// Creates the pool and the producer. Both connect lazily, so this
+    /// succeeds while the database or broker is down; see [`Infra::prepare`].
+    pub fn new(
         db: &DbConfig,
         kafka_cfg: KafkaConfig,
         pipeline: PipelineConfig,
-        migrator: &Migrator,
-        shutdown: &CancellationToken,
     ) -> Result<Self, StartError> {
-        let pool = db::pool(db)?;
-        db::migrate(&pool, migrator, shutdown).await?;
-        let producer = kafka::producer(&kafka_cfg)?;
-        kafka::ensure_topics(&kafka_cfg, &crate::topics::ALL, shutdown).await?;
         Ok(Self {
-            pool,
-            producer,
+            pool: db::pool(db)?,
+            producer: kafka::producer(&kafka_cfg)?,
             kafka: kafka_cfg,
             pipeline,
         })
     }
 
+    /// Runs the migrations and creates the pipeline's topics, waiting (with
+    /// backoff) for the database and the broker to be reachable.
+    pub async fn prepare(
+        &self,
+        migrator: &Migrator,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StartError> {
+        db::migrate(&self.pool, migrator, shutdown).await?;
+        kafka::ensure_topics(&self.kafka, &crate::topics::ALL, shutdown).await?;
+        Ok(())
+    }
+
     pub fn relay(&self) -> Relay {
         Relay::new(self.pool.clone(), self.producer.clone(), &self.pipeline)
+    }
+}
+
+/// Whether start-up has finished (migrations ran, topics exist, seed data
+/// loaded). Until then the service's API answers UNAVAILABLE and health is
+/// NOT_SERVING, although its ports are open: probes get an answer.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn mark_ready(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// A gRPC interceptor for the service's API (not health or reflection).
+    pub fn interceptor(
+        &self,
+    ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<>
+    {
+        let ready = self.clone();
+        move |request| match ready.is_ready() {
+            true => Ok(request),
+            false => Err(Self::starting()),
+        }
+    }
+
+    /// The status answered while starting.
+    pub fn starting() -> tonic::Status {
+        tonic::Status::unavailable("service is starting; retry shortly")
+    }
+}
+
+/// A service on its way up: its health reporter and its readiness, until
+/// [`Infra::ready`].
+pub struct Starting {
+    reporter: tonic_health::server::HealthReporter,
+    services: Vec<String>,
+    readiness: Readiness,
+}
+
+impl Starting {
+    /// For the gRPC service named `service_name`, whose health `reporter`
+    /// comes from [`crate::grpc::router`].
+    pub fn new(reporter: tonic_health::server::HealthReporter, service_name: &str) -> Self {
+        Self {
+            reporter,
+            services: vec![service_name.to_owned()],
+            readiness: Readiness::default(),
+        }
+    }
+
+    /// Gate the service's API with this (see [`Readiness::interceptor`]).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
     }
 }
 
@@ -121,23 +195,21 @@ impl Supervisor {
 }
 
 impl Infra {
-    /// Binds `addr`, serves `router` (the service's API on top of
-    /// [`crate::grpc::router`]) and keeps `reporter` following the database
-    /// and broker for `service_name`. Returns the address really bound.
+    /// Binds `addr` and serves `router` (the service's API, gated by
+    /// `starting`'s readiness, on top of [`crate::grpc::router`]) right
+    /// away, NOT_SERVING until [`Infra::ready`]. Returns the address bound.
     pub async fn serve_grpc(
         &self,
         supervisor: &Supervisor,
         router: tonic::transport::server::Router,
-        reporter: tonic_health::server::HealthReporter,
-        service_name: &str,
+        starting: &Starting,
         addr: std::net::SocketAddr,
         shutdown: &CancellationToken,
     ) -> Result<std::net::SocketAddr, StartError> {
         // tonic-health starts "" as SERVING; nothing is known yet.
-        let services = vec![service_name.to_owned()];
         crate::health::set_all(
-            &reporter,
-            &services,
+            &starting.reporter,
+            &starting.services,
             tonic_health::ServingStatus::NotServing,
         )
         .await;
@@ -149,15 +221,21 @@ impl Infra {
                     source,
                 })?;
         supervisor.spawn(crate::grpc::serve(router, listener, shutdown.clone()));
+        Ok(bound)
+    }
+
+    /// Start-up is done: the API answers, and health follows the database
+    /// and the broker from now on.
+    pub fn ready(&self, supervisor: &Supervisor, starting: Starting, shutdown: &CancellationToken) {
+        starting.readiness.mark_ready();
         supervisor.spawn(crate::health::monitor(
             self.pool.clone(),
             self.producer.clone(),
-            reporter,
-            services,
+            starting.reporter,
+            starting.services,
             self.pipeline.health_interval,
             shutdown.clone(),
         ));
-        Ok(bound)
     }
 
     /// Subscribes to `topics` (pipeline names, without prefix) and runs

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Supervisor},
+    service::{Infra, StartError, Starting, Supervisor},
     topics,
 };
 use shop_proto::inventory::inventory_service_server::{InventoryServiceServer, SERVICE_NAME};
@@ -61,33 +61,27 @@ impl Application {
     /// Connects, migrates, seeds stock, binds the gRPC port and spawns every
     /// task; [`Application::run`] waits for shutdown.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let infra = Infra::connect(
-            &config.db,
-            config.kafka.clone(),
-            config.pipeline.clone(),
-            &sqlx::migrate!("./migrations"),
-            &shutdown,
-        )
-        .await?;
-        store::seed_stock(&infra.pool).await?;
+        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
         let relay = infra.relay();
         let notifier = relay.notifier();
         let supervisor = Supervisor::new(relay);
 
         let (router, reporter) = common::grpc::router(SERVICE_NAME);
-        let router = router.add_service(InventoryServiceServer::new(grpc::InventoryGrpc {
-            pool: infra.pool.clone(),
-        }));
+        let starting = Starting::new(reporter, SERVICE_NAME);
+        let router = router.add_service(InventoryServiceServer::with_interceptor(
+            grpc::InventoryGrpc {
+                pool: infra.pool.clone(),
+            },
+            starting.readiness().interceptor(),
+        ));
         let grpc_addr = infra
-            .serve_grpc(
-                &supervisor,
-                router,
-                reporter,
-                SERVICE_NAME,
-                config.grpc_addr,
-                &shutdown,
-            )
+            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
             .await?;
+        infra
+            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
+            .await?;
+        store::seed_stock(&infra.pool).await?;
+        infra.ready(&supervisor, starting, &shutdown);
         infra.spawn_consumer(
             &supervisor,
             &[topics::ORDERS],

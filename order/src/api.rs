@@ -1,7 +1,11 @@
 //! The order API's behaviour, shared by the gRPC service and the REST shim
 //! so that both validate, price and store orders the same way.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use sha2::{Digest, Sha256};
 use shop_proto::order::{CreateOrderRequest, Order};
@@ -20,7 +24,9 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 #[derive(Clone)]
 pub struct OrderApi {
     pub pool: PgPool,
-    pub catalog: Arc<BTreeMap<String, Price>>,
+    /// Loaded once start-up has migrated and seeded the database.
+    pub catalog: Arc<OnceLock<BTreeMap<String, Price>>>,
+    pub readiness: common::service::Readiness,
     pub orders_topic: String,
     pub deadline: Duration,
     pub outbox: common::outbox::Notifier,
@@ -30,8 +36,9 @@ impl OrderApi {
     /// Validates, prices and stores an order; publishes `OrderCreated`
     /// through the outbox.
     pub async fn create(&self, req: &CreateOrderRequest) -> Result<Order, OrderError> {
+        let catalog = self.catalog.get().ok_or(OrderError::Starting)?;
         let new = domain::validate(req)?;
-        let (lines, currency, total) = domain::price(&new, &self.catalog)?;
+        let (lines, currency, total) = domain::price(&new, catalog)?;
         let key = req.idempotency_key.trim();
         if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(Invalid(format!(
@@ -58,6 +65,9 @@ impl OrderApi {
     }
 
     pub async fn get(&self, order_id: &str) -> Result<Order, OrderError> {
+        if !self.readiness.is_ready() {
+            return Err(OrderError::Starting);
+        }
         let id = Uuid::parse_str(order_id.trim())
             .map_err(|_| Invalid(format!("order_id {order_id:?} is not a UUID")))?;
         let mut conn = self.pool.acquire().await?;

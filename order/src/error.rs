@@ -17,6 +17,9 @@ pub enum OrderError {
     IdempotencyConflict(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// Start-up has not finished (database or broker not reached yet).
+    #[error("service is starting")]
+    Starting,
 }
 
 impl From<OrderError> for Status {
@@ -29,6 +32,7 @@ impl From<OrderError> for Status {
             OrderError::Pricing(p) => Status::invalid_argument(p.to_string()),
             OrderError::NotFound(_) => Status::not_found(e.to_string()),
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
+            OrderError::Starting => common::service::Readiness::starting(),
             OrderError::Db(db) if common::db::is_unavailable(&db) => {
                 tracing::warn!(error = %db, "database unavailable");
                 Status::unavailable("database unavailable; retry later")

@@ -17,11 +17,15 @@ pub mod rest;
 pub mod saga;
 pub mod store;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Supervisor},
+    service::{Infra, StartError, Starting, Supervisor},
     topics,
 };
 use shop_proto::order::order_service_server::{OrderServiceServer, SERVICE_NAME};
@@ -70,30 +74,28 @@ impl Application {
     /// Connects, migrates, seeds the catalog, binds both ports and spawns
     /// every task; [`Application::run`] waits for shutdown.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let infra = Infra::connect(
-            &config.db,
-            config.kafka.clone(),
-            config.pipeline.clone(),
-            &sqlx::migrate!("./migrations"),
-            &shutdown,
-        )
-        .await?;
-        store::seed_catalog(&infra.pool).await?;
-        let catalog = store::load_catalog(&infra.pool).await?;
+        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
         let relay = infra.relay();
         let notifier = relay.notifier();
         let supervisor = Supervisor::new(relay);
         let orders_topic = config.kafka.topic(topics::ORDERS);
+        let (router, reporter) = common::grpc::router(SERVICE_NAME);
+        let starting = Starting::new(reporter, SERVICE_NAME);
+        let catalog = Arc::new(OnceLock::new());
         let api = api::OrderApi {
             pool: infra.pool.clone(),
-            catalog: Arc::new(catalog),
+            catalog: catalog.clone(),
+            readiness: starting.readiness().clone(),
             orders_topic: orders_topic.clone(),
             deadline: config.deadline,
             outbox: notifier.clone(),
         };
 
-        let (router, reporter) = common::grpc::router(SERVICE_NAME);
+        // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.
         let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
+        let grpc_addr = infra
+            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
+            .await?;
         let (http_listener, http_addr) =
             common::grpc::bind(config.http_addr)
                 .await
@@ -101,17 +103,6 @@ impl Application {
                     what: "HTTP_ADDR",
                     source,
                 })?;
-
-        let grpc_addr = infra
-            .serve_grpc(
-                &supervisor,
-                router,
-                reporter,
-                SERVICE_NAME,
-                config.grpc_addr,
-                &shutdown,
-            )
-            .await?;
         let http_shutdown = shutdown.clone();
         supervisor.spawn(async move {
             let server = axum::serve(http_listener, rest::router(api))
@@ -121,6 +112,13 @@ impl Application {
             }
             tracing::info!("REST server stopped");
         });
+
+        infra
+            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
+            .await?;
+        store::seed_catalog(&infra.pool).await?;
+        let _ = catalog.set(store::load_catalog(&infra.pool).await?);
+        infra.ready(&supervisor, starting, &shutdown);
         infra.spawn_consumer(
             &supervisor,
             &[topics::PAYMENTS, topics::INVENTORY],

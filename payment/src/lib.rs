@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Supervisor},
+    service::{Infra, StartError, Starting, Supervisor},
     topics,
 };
 use shop_proto::payment::payment_service_server::{PaymentServiceServer, SERVICE_NAME};
@@ -92,33 +92,27 @@ impl Application {
     /// [`Application::run`] waits for shutdown.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let defaults = config.account_defaults()?;
-        let infra = Infra::connect(
-            &config.db,
-            config.kafka.clone(),
-            config.pipeline.clone(),
-            &sqlx::migrate!("./migrations"),
-            &shutdown,
-        )
-        .await?;
+        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
         let relay = infra.relay();
         let notifier = relay.notifier();
         let supervisor = Supervisor::new(relay);
 
         let (router, reporter) = common::grpc::router(SERVICE_NAME);
-        let router = router.add_service(PaymentServiceServer::new(grpc::PaymentGrpc {
-            pool: infra.pool.clone(),
-            defaults: defaults.clone(),
-        }));
+        let starting = Starting::new(reporter, SERVICE_NAME);
+        let router = router.add_service(PaymentServiceServer::with_interceptor(
+            grpc::PaymentGrpc {
+                pool: infra.pool.clone(),
+                defaults: defaults.clone(),
+            },
+            starting.readiness().interceptor(),
+        ));
         let grpc_addr = infra
-            .serve_grpc(
-                &supervisor,
-                router,
-                reporter,
-                SERVICE_NAME,
-                config.grpc_addr,
-                &shutdown,
-            )
+            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
             .await?;
+        infra
+            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
+            .await?;
+        infra.ready(&supervisor, starting, &shutdown);
         infra.spawn_consumer(
             &supervisor,
             &[topics::ORDERS],

@@ -632,3 +632,63 @@ async fn health_is_not_serving_while_the_database_is_down() {
         .expect("graceful shutdown within 30 s")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_started_without_its_database_answers_not_serving_until_it_can_serve() {
+    common::telemetry::init_for_tests();
+    let pg = e2e::scratch_postgres::ScratchPostgres::start();
+    pg.stop_server();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut cfg = payment::Config::from_env().unwrap();
+    cfg.grpc_addr = addr;
+    cfg.db = common::config::DbConfig {
+        url: pg.url(),
+        max_connections: 3,
+    };
+    cfg.kafka = e2e::test_kafka_config(&e2e::unique_id(), "payment");
+    cfg.pipeline = e2e::test_pipeline_config();
+    // Start-up waits for the database; meanwhile the port answers.
+    let building = tokio::spawn(payment::Application::build(cfg, shutdown.clone()));
+    eventually(
+        "NOT_SERVING from a service still waiting for its database",
+        || async { (e2e::health(addr, "").await == Some(e2e::NOT_SERVING)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        e2e::health(addr, "shop.payment.v1.PaymentService").await,
+        Some(e2e::NOT_SERVING)
+    );
+    let mut client = shop_proto::payment::payment_service_client::PaymentServiceClient::new(
+        e2e::channel(addr).await,
+    );
+    let starting = client
+        .get_account(GetAccountRequest {
+            customer_id: "C1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(starting.code(), Code::Unavailable, "{starting:?}");
+    assert!(!building.is_finished());
+
+    pg.start_server();
+    let app = tokio::time::timeout(e2e::DEADLINE, building)
+        .await
+        .expect("start-up finishes once the database is back")
+        .unwrap()
+        .expect("starts");
+    let running = tokio::spawn(app.run());
+    e2e::wait_serving(addr, "").await;
+    let account = client
+        .get_account(GetAccountRequest {
+            customer_id: "C1".into(),
+        })
+        .await
+        .expect("API answers");
+    assert_eq!(account.into_inner().credit_limit.unwrap().units, 100_000);
+    shutdown.cancel();
+    running.await.unwrap();
+}
