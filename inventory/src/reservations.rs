@@ -14,7 +14,7 @@
 //! (available >= 0)` constraint backs that up.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, OrderEvent, parse_id},
     outbox::{self, OutboxEvent},
 };
 use shop_proto::{EventName, events};
@@ -31,13 +31,6 @@ use crate::{
 /// nothing.
 pub const CANCELLED_BEFORE_RESERVATION: &str = "order cancelled before reservation";
 
-/// The events inventory acts on, from the `orders` topic.
-#[derive(Clone, Debug)]
-pub enum InventoryEvent {
-    OrderCreated(events::OrderCreated),
-    OrderCancelled(events::OrderCancelled),
-}
-
 /// Plugs reservations into `common::consumer`.
 pub struct ReservationHandler {
     /// Full name of the `inventory` topic, where results are published.
@@ -45,41 +38,23 @@ pub struct ReservationHandler {
 }
 
 impl EventHandler for ReservationHandler {
-    type Event = InventoryEvent;
+    type Event = OrderEvent;
 
-    fn decode(
-        &self,
-        event_type: &str,
-        payload: &[u8],
-    ) -> Result<Option<InventoryEvent>, DecodeError> {
-        Ok(Some(match event_type {
-            events::OrderCreated::EVENT_TYPE => {
-                InventoryEvent::OrderCreated(decode_as(event_type, payload)?)
-            }
-            events::OrderCancelled::EVENT_TYPE => {
-                InventoryEvent::OrderCancelled(decode_as(event_type, payload)?)
-            }
-            events::OrderConfirmed::EVENT_TYPE => return Ok(None),
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        }))
+    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<OrderEvent>, DecodeError> {
+        OrderEvent::decode(event_type, payload)
     }
 
     async fn apply(
         &self,
         conn: &mut PgConnection,
         _meta: &EventMeta,
-        event: InventoryEvent,
+        event: OrderEvent,
     ) -> Result<(), HandlerError> {
         match event {
-            InventoryEvent::OrderCreated(e) => self.reserve(conn, e).await,
-            InventoryEvent::OrderCancelled(e) => self.release(conn, e).await,
+            OrderEvent::Created(e) => self.reserve(conn, e).await,
+            OrderEvent::Cancelled(e) => self.release(conn, e).await,
         }
     }
-}
-
-fn parse_order_id(id: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(id)
-        .map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
 }
 
 fn stock_lines(lines: &[Line]) -> Vec<events::StockLine> {
@@ -101,7 +76,7 @@ impl ReservationHandler {
         conn: &mut PgConnection,
         e: events::OrderCreated,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_order_id(&e.order_id)?;
+        let order_id = parse_id("order id", &e.order_id)?;
         let lines =
             domain::merge_lines(e.items.iter().map(|l| (l.product_id.as_str(), l.quantity)))
                 .map_err(|invalid| {
@@ -174,7 +149,7 @@ impl ReservationHandler {
         conn: &mut PgConnection,
         e: events::OrderCancelled,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_order_id(&e.order_id)?;
+        let order_id = parse_id("order id", &e.order_id)?;
         let (customer_id, status) = match store::lock_reservation(conn, order_id).await? {
             Some(row) => row,
             None => {

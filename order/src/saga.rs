@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id},
     outbox::{self, OutboxEvent},
 };
 use shop_proto::{EventName, events};
@@ -99,11 +99,6 @@ enum Side {
     Inventory,
 }
 
-fn parse_order_id(id: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(id)
-        .map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
-}
-
 type SagaRow = (
     String,
     String,
@@ -123,7 +118,7 @@ impl SagaHandler {
         side: Side,
         outcome: Outcome,
     ) -> Result<(), HandlerError> {
-        let id = parse_order_id(order_id)?;
+        let id = parse_id("order id", order_id)?;
         let row: Option<SagaRow> = sqlx::query_as(
             "SELECT customer_id, status, payment_status, payment_reason, inventory_status, inventory_reason
              FROM orders WHERE order_id = $1 FOR UPDATE",
@@ -222,7 +217,7 @@ async fn mark_compensated(
     order_id: &str,
     update: &'static str,
 ) -> Result<(), HandlerError> {
-    let id = parse_order_id(order_id)?;
+    let id = parse_id("order id", order_id)?;
     let done = sqlx::query(update).bind(id).execute(conn).await?;
     if done.rows_affected() == 0 {
         return Err(HandlerError::Permanent(format!("unknown order {order_id}")));

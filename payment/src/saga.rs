@@ -9,10 +9,10 @@
 //! `OrderCancelled` finds the payment already refunded.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, OrderEvent, parse_id},
     outbox::{self, OutboxEvent},
 };
-use shop_proto::{EventName, common::Money, events};
+use shop_proto::{common::Money, events};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -24,13 +24,6 @@ use crate::{
 /// Refund reason when the cancellation gave none.
 const DEFAULT_CANCEL_REASON: &str = "order cancelled";
 
-/// The events payment acts on, from topic `orders`.
-#[derive(Clone, Debug)]
-pub enum PaymentEvent {
-    Created(events::OrderCreated),
-    Cancelled(events::OrderCancelled),
-}
-
 /// Plugs payment into `common::consumer`.
 pub struct PaymentHandler {
     /// Full name of the `payments` topic, where results are published.
@@ -40,42 +33,23 @@ pub struct PaymentHandler {
 }
 
 impl EventHandler for PaymentHandler {
-    type Event = PaymentEvent;
+    type Event = OrderEvent;
 
-    fn decode(
-        &self,
-        event_type: &str,
-        payload: &[u8],
-    ) -> Result<Option<PaymentEvent>, DecodeError> {
-        Ok(Some(match event_type {
-            events::OrderCreated::EVENT_TYPE => {
-                PaymentEvent::Created(decode_as(event_type, payload)?)
-            }
-            events::OrderCancelled::EVENT_TYPE => {
-                PaymentEvent::Cancelled(decode_as(event_type, payload)?)
-            }
-            // Nothing to do once an order is confirmed: it was paid already.
-            events::OrderConfirmed::EVENT_TYPE => return Ok(None),
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        }))
+    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<OrderEvent>, DecodeError> {
+        OrderEvent::decode(event_type, payload)
     }
 
     async fn apply(
         &self,
         conn: &mut PgConnection,
         _meta: &EventMeta,
-        event: PaymentEvent,
+        event: OrderEvent,
     ) -> Result<(), HandlerError> {
         match event {
-            PaymentEvent::Created(e) => self.pay(conn, e).await,
-            PaymentEvent::Cancelled(e) => self.refund(conn, e).await,
+            OrderEvent::Created(e) => self.pay(conn, e).await,
+            OrderEvent::Cancelled(e) => self.refund(conn, e).await,
         }
     }
-}
-
-fn parse_order_id(id: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(id)
-        .map_err(|_| HandlerError::Permanent(format!("order id {id:?} is not a UUID")))
 }
 
 fn require_customer<'a>(customer_id: &'a str, order_id: &str) -> Result<&'a str, HandlerError> {
@@ -96,7 +70,7 @@ impl PaymentHandler {
         conn: &mut PgConnection,
         e: events::OrderCreated,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_order_id(&e.order_id)?;
+        let order_id = parse_id("order id", &e.order_id)?;
         let customer_id = require_customer(&e.customer_id, &e.order_id)?;
         let total = e
             .total
@@ -176,7 +150,7 @@ impl PaymentHandler {
         conn: &mut PgConnection,
         e: events::OrderCancelled,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_order_id(&e.order_id)?;
+        let order_id = parse_id("order id", &e.order_id)?;
         let payment = match store::lock_payment(conn, order_id).await? {
             Some(payment) => payment,
             None => {
