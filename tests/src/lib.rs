@@ -233,6 +233,16 @@ impl Pipeline {
         format!("http://{}{path}", self.order_http)
     }
 
+    /// Places an order over gRPC; panics if it is not accepted.
+    pub async fn create(&self, request: shop_proto::order::CreateOrderRequest) -> Order {
+        self.orders()
+            .await
+            .create_order(request)
+            .await
+            .expect("CreateOrder")
+            .into_inner()
+    }
+
     /// Polls GetOrder until the order leaves PENDING.
     pub async fn final_order(&self, order_id: &str) -> Order {
         let client = self.orders().await;

@@ -117,13 +117,7 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redelivered_events_change_nothing() {
     let p = Pipeline::start().await;
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-DUP", "PROD003", 2, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-DUP", "PROD003", 2, "")).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32
@@ -276,13 +270,7 @@ async fn bad_records_go_to_the_dlq_and_never_block() {
         .unwrap();
 
     // The same customer's next order still goes through: nothing blocked.
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-BAD", "PROD006", 1, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-BAD", "PROD006", 1, "")).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32
@@ -378,13 +366,7 @@ async fn order_past_its_deadline_is_cancelled_and_compensated() {
         ..Options::default()
     })
     .await;
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-SLOW", "PROD007", 1, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-SLOW", "PROD007", 1, "")).await;
     let done = p.final_order(&created.order_id).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert_eq!(done.reason, "timed out waiting for inventory");
@@ -418,13 +400,7 @@ async fn published_outbox_rows_are_marked_then_pruned() {
         ..Options::default()
     })
     .await;
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-PRUNE", "PROD008", 1, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-PRUNE", "PROD008", 1, "")).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32

@@ -161,13 +161,7 @@ async fn rest_order_like_the_original_system_is_confirmed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn order_created_record_is_keyed_by_customer_and_decodes() {
     let p = Pipeline::start().await;
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-KEY-1", "PROD004", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-KEY-1", "PROD004", 1)).await;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", e2e::brokers())
@@ -230,13 +224,7 @@ async fn declined_payment_cancels_and_releases_stock() {
         .await
         .expect("SetCreditLimit");
     let before = available(&p, "PROD005").await;
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-POOR", "PROD005", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-POOR", "PROD005", 1)).await;
     let done = p.final_order(&created.order_id).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(done.reason.contains("payment declined"), "{}", done.reason);
@@ -266,13 +254,7 @@ async fn out_of_stock_cancels_and_refunds_payment() {
         })
         .await
         .expect("SetStock");
-    let created = p
-        .orders()
-        .await
-        .create_order(order("CUST-OOS", "PROD020", 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = p.create(order("CUST-OOS", "PROD020", 2)).await;
     let done = p.final_order(&created.order_id).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(
