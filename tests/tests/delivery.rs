@@ -75,6 +75,21 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
     assert_eq!(conflict.code(), Code::AlreadyExists);
     assert!(conflict.message().contains("key-1"), "{conflict:?}");
 
+    // Ten retries racing each other with one key make one order.
+    let racing = futures::future::join_all((0..10).map(|_| {
+        let mut client = client.clone();
+        async move {
+            client
+                .create_order(order("CUST-IDEM", "PROD004", 1, "key-race"))
+                .await
+                .expect("each racer gets the order")
+                .into_inner()
+                .order_id
+        }
+    }))
+    .await;
+    assert!(racing.iter().all(|id| id == &racing[0]), "{racing:?}");
+
     // REST: the Idempotency-Key header, 201 both times, 409 on a different body.
     let http = reqwest::Client::new();
     let post = |body: &'static str| {
@@ -95,8 +110,12 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
         .unwrap();
     assert_eq!(different.status(), 409);
 
-    // Two orders, so exactly two OrderCreated records, and both confirmed.
-    for id in [first.order_id.as_str(), a["orderId"].as_str().unwrap()] {
+    // Three orders, so exactly three OrderCreated records, all confirmed.
+    for id in [
+        first.order_id.as_str(),
+        a["orderId"].as_str().unwrap(),
+        &racing[0],
+    ] {
         assert_eq!(
             p.final_order(id).await.status,
             OrderStatus::Confirmed as i32
@@ -104,13 +123,13 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
     }
     assert_eq!(
         count_events(&p, "orders", events::OrderCreated::EVENT_TYPE),
-        2
+        3
     );
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&p.orders_db)
         .await
         .unwrap();
-    assert_eq!(stored, 2);
+    assert_eq!(stored, 3);
     p.stop().await;
 }
 
