@@ -96,8 +96,12 @@ impl Infra {
         Ok(())
     }
 
-    pub fn relay(&self) -> Relay {
-        Relay::new(self.pool.clone(), self.producer.clone(), &self.pipeline)
+    /// The supervisor of this service's tasks, owning its outbox relay, and
+    /// the notifier writers use to wake that relay after they commit.
+    pub fn supervisor(&self) -> (Supervisor, Notifier) {
+        let relay = Relay::new(self.pool.clone(), self.producer.clone(), &self.pipeline);
+        let notifier = relay.notifier();
+        (Supervisor::new(relay), notifier)
     }
 }
 

@@ -75,9 +75,7 @@ impl Application {
     /// every task; [`Application::run`] waits for shutdown.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
-        let relay = infra.relay();
-        let notifier = relay.notifier();
-        let supervisor = Supervisor::new(relay);
+        let (supervisor, notifier) = infra.supervisor();
         let orders_topic = config.kafka.topic(topics::ORDERS);
         let (router, reporter) = common::grpc::router(SERVICE_NAME);
         let starting = Starting::new(reporter, SERVICE_NAME);

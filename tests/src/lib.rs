@@ -243,6 +243,25 @@ impl Pipeline {
             .into_inner()
     }
 
+    /// Polls GetPayment until the order's payment is REFUNDED.
+    pub async fn refunded_payment(&self, order_id: &str) -> shop_proto::payment::Payment {
+        let client = self.payments().await;
+        eventually(&format!("the payment of {order_id} to be refunded"), || {
+            let mut client = client.clone();
+            let order_id = order_id.to_owned();
+            async move {
+                let payment = client
+                    .get_payment(shop_proto::payment::GetPaymentRequest { order_id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (payment.status == shop_proto::payment::PaymentStatus::Refunded as i32)
+                    .then_some(payment)
+            }
+        })
+        .await
+    }
+
     /// Polls GetOrder until the order leaves PENDING.
     pub async fn final_order(&self, order_id: &str) -> Order {
         let client = self.orders().await;

@@ -14,7 +14,7 @@ use rdkafka::{
 use shop_proto::{
     EventName, events,
     order::{CreateOrderRequest, OrderStatus},
-    payment::{GetAccountRequest, GetPaymentRequest, PaymentStatus},
+    payment::GetAccountRequest,
 };
 use tonic::Code;
 
@@ -390,19 +390,7 @@ async fn order_past_its_deadline_is_cancelled_and_compensated() {
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert_eq!(done.reason, "timed out waiting for inventory");
     // Payment had approved it; the cancellation refunds it.
-    let payment = eventually("the payment to be refunded", || async {
-        let payment = p
-            .payments()
-            .await
-            .get_payment(GetPaymentRequest {
-                order_id: created.order_id.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        (payment.status == PaymentStatus::Refunded as i32).then_some(payment)
-    })
-    .await;
+    let payment = p.refunded_payment(&created.order_id).await;
     assert_eq!(payment.amount, created.total);
     assert_eq!(used_credit(&p, "CUST-SLOW").await, 0);
     assert_eq!(

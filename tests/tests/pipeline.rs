@@ -263,19 +263,7 @@ async fn out_of_stock_cancels_and_refunds_payment() {
         done.reason
     );
     assert!(done.reason.contains("PROD020"), "{}", done.reason);
-    let refunded = eventually("payment to be refunded", || async {
-        let payment = p
-            .payments()
-            .await
-            .get_payment(GetPaymentRequest {
-                order_id: created.order_id.clone(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        (payment.status == PaymentStatus::Refunded as i32).then_some(payment)
-    })
-    .await;
+    let refunded = p.refunded_payment(&created.order_id).await;
     assert_eq!(refunded.amount, created.total);
     let account = p
         .payments()
