@@ -119,28 +119,6 @@ pub fn parse_id(what: &str, value: &str) -> Result<Uuid, HandlerError> {
         .map_err(|_| HandlerError::Permanent(format!("{what} {value:?} is not a UUID")))
 }
 
-/// What the `orders` topic carries for the services that act on orders
-/// (payment and inventory): a new order, or its cancellation.
-/// `OrderConfirmed` needs nothing from them.
-#[derive(Clone, Debug)]
-pub enum OrderEvent {
-    Created(shop_proto::events::OrderCreated),
-    Cancelled(shop_proto::events::OrderCancelled),
-}
-
-impl OrderEvent {
-    /// [`EventHandler::decode`] for the `orders` topic.
-    pub fn decode(event_type: &str, payload: &[u8]) -> Result<Option<Self>, DecodeError> {
-        use shop_proto::{EventName, events};
-        Ok(Some(match event_type {
-            events::OrderCreated::EVENT_TYPE => Self::Created(decode_as(event_type, payload)?),
-            events::OrderCancelled::EVENT_TYPE => Self::Cancelled(decode_as(event_type, payload)?),
-            events::OrderConfirmed::EVENT_TYPE => return Ok(None),
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        }))
-    }
-}
-
 /// Logs rebalances and counts revocations.
 ///
 /// Rebalance callbacks run inside `recv()`, never while a batch is being

@@ -27,6 +27,7 @@ pub mod kafka;
 pub mod outbox;
 pub mod rest;
 pub mod retry;
+pub mod saga;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

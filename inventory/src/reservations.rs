@@ -14,8 +14,9 @@
 //! (available >= 0)` constraint backs that up.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, OrderEvent, parse_id},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, parse_id},
     outbox::{self, OutboxEvent},
+    saga::{CANCELLED_BEFORE_RESERVATION, OrderEvent},
 };
 use shop_proto::{EventName, events};
 use sqlx::PgConnection;
@@ -25,11 +26,6 @@ use crate::{
     domain::{self, Decision, Line, Status},
     store::{self, NewReservation},
 };
-
-/// Reason stored for an order whose `OrderCancelled` arrived before its
-/// `OrderCreated`: the REJECTED row makes the late `OrderCreated` reserve
-/// nothing.
-pub const CANCELLED_BEFORE_RESERVATION: &str = "order cancelled before reservation";
 
 /// Plugs reservations into `common::consumer`.
 pub struct ReservationHandler {

@@ -7,11 +7,6 @@
 
 use shop_proto::common::Money;
 
-/// Reason stored on the DECLINED row written when an order's cancellation
-/// arrives before the order itself: a later `OrderCreated` finds the row
-/// and charges nothing.
-pub const CANCELLED_BEFORE_PAYMENT: &str = "order cancelled before payment";
-
 /// A request that cannot be served; the message says why and is safe to show
 /// to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,15 +9,16 @@
 //! `OrderCancelled` finds the payment already refunded.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, OrderEvent, parse_id},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, parse_id},
     outbox::{self, OutboxEvent},
+    saga::{CANCELLED_BEFORE_PAYMENT, OrderEvent},
 };
 use shop_proto::{common::Money, events};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
-    domain::{self, AccountDefaults, CANCELLED_BEFORE_PAYMENT, Decision, Status},
+    domain::{self, AccountDefaults, Decision, Status},
     store::{self, NewPayment},
 };
 

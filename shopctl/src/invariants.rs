@@ -14,7 +14,7 @@ use shop_proto::{EventName, events};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use common::{config::KafkaConfig, kafka, topics};
+use common::{config::KafkaConfig, kafka, saga, topics};
 
 pub struct Sources {
     pub orders: PgPool,
@@ -160,16 +160,15 @@ pub async fn check(src: &Sources) -> anyhow::Result<Report> {
     // --- per-customer order ---------------------------------------------
     // A cancellation applied before its order's creation leaves a marker
     // row; both events share a key, so a marker means order was broken.
-    let early: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM payments WHERE reason = 'order cancelled before payment'",
-    )
-    .fetch_one(&src.payments)
-    .await?;
-    let early_stock: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reservations WHERE reason = 'order cancelled before reservation'",
-    )
-    .fetch_one(&src.inventory)
-    .await?;
+    let early: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE reason = $1")
+        .bind(saga::CANCELLED_BEFORE_PAYMENT)
+        .fetch_one(&src.payments)
+        .await?;
+    let early_stock: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE reason = $1")
+            .bind(saga::CANCELLED_BEFORE_RESERVATION)
+            .fetch_one(&src.inventory)
+            .await?;
     if early + early_stock > 0 {
         v.push(format!(
             "{early} payments and {early_stock} reservations saw OrderCancelled before OrderCreated"
