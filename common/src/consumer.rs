@@ -33,6 +33,7 @@ use std::{
 use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::RDKafkaErrorCode,
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -45,7 +46,7 @@ use crate::{
     db, kafka,
     kafka::header,
     outbox::Notifier,
-    retry::Backoff,
+    retry::{Backoff, Streak},
 };
 
 /// Where a record came from, handed to the handler with its event.
@@ -148,6 +149,26 @@ impl ConsumerContext for LoggingContext {
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(rebalance = %describe(rebalance), "partitions rebalanced");
     }
+
+    /// A failed commit loses nothing (the records are redelivered and
+    /// dropped as duplicates) but must be seen: a group that keeps failing
+    /// to commit replays more and more after each restart.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {}
+            // Nothing was stored since the last commit.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                partitions = offsets.count(),
+                "offset commit failed; those records will be redelivered after a restart"
+            ),
+        }
+    }
 }
 
 fn describe(rebalance: &Rebalance<'_>) -> String {
@@ -209,19 +230,29 @@ pub struct ConsumeLoop<H: EventHandler> {
 }
 
 impl<H: EventHandler> ConsumeLoop<H> {
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Consumes until `shutdown`, then commits the stored offsets. Returns
+    /// an error when the loop's own bookkeeping in the database keeps
+    /// failing for a reason other than unavailability (see
+    /// [`crate::retry::Streak`]): no record is to blame, so none is
+    /// dead-lettered, and the service stops so that someone sees it.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
+        let mut outcome = Ok(());
         loop {
-            let batch = tokio::select! {
-                batch = self.next_batch() => batch,
-                _ = shutdown.cancelled() => break,
+            let Some(batch) = shutdown.run_until_cancelled(self.next_batch()).await else {
+                break;
             };
             if batch.is_empty() {
                 continue;
             }
-            if self.process(&batch, &shutdown).await.is_err() {
-                break; // shut down mid-retry: leave these offsets unstored
+            match self.process(&batch, &shutdown).await {
+                Ok(()) => self.store_offsets(&batch),
+                // Shut down mid-retry: leave these offsets unstored.
+                Err(Stop::Cancelled) => break,
+                Err(Stop::Fatal(e)) => {
+                    outcome = Err(ConsumeError(e));
+                    break;
+                }
             }
-            self.store_offsets(&batch);
         }
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             // NoOffset: nothing stored since the last commit.
@@ -229,6 +260,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
         }
         self.consumer.unsubscribe();
         tracing::info!(group = %self.group_id, "consumer stopped");
+        outcome
     }
 
     /// Waits for one record, then takes whatever else is ready right away,
@@ -245,6 +277,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
         match self.consumer.recv().await {
             Ok(m) => batch.push(m.detach()),
             Err(e) => {
+                // Broker unreachable and the like: librdkafka reconnects.
                 tracing::warn!(error = %e, "consumer error");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return batch;
@@ -323,18 +356,21 @@ impl<H: EventHandler> ConsumeLoop<H> {
     }
 
     /// Applies a batch: all in one transaction when it can, otherwise one
-    /// record per transaction. Err only when shut down before finishing.
+    /// record per transaction. Err when shut down before finishing, or when
+    /// the loop cannot go on.
     async fn process(
         &self,
         batch: &[OwnedMessage],
         shutdown: &CancellationToken,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<(), Stop> {
         let mut events = Vec::with_capacity(batch.len());
         for m in batch {
             match self.decode(m) {
                 Decoded::Event(meta, event) => events.push((m, meta, event)),
                 Decoded::Skip => {}
-                Decoded::DeadLetter(reason) => self.dead_letter(m, &reason, 1, shutdown).await?,
+                Decoded::DeadLetter(reason) => {
+                    self.dead_letter(m, &reason, 1, shutdown).await?;
+                }
             }
         }
         if events.is_empty() {
@@ -403,15 +439,18 @@ impl<H: EventHandler> ConsumeLoop<H> {
     }
 
     /// Applies one event in its own transaction, retrying transient failures
-    /// and dead-lettering permanent ones.
+    /// and dead-lettering the record when its handler fails permanently.
+    /// Failures of the loop's own statements are not the record's fault:
+    /// they are retried, and end the loop if they persist.
     async fn apply_one(
         &self,
         m: &OwnedMessage,
         meta: EventMeta,
         event: H::Event,
         shutdown: &CancellationToken,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<(), Stop> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut bookkeeping = Streak::new();
         let mut failures = 0;
         loop {
             let attempt = async {
@@ -434,12 +473,19 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 sleep_or_cancel(delay, shutdown).await?;
                 continue;
             }
+            if let BatchError::Db(e) = error {
+                tracing::warn!(error = %e, "consume loop's own statements failed; retrying");
+                let transient = db::is_transient(&e);
+                let delay = bookkeeping.failed(e, transient).map_err(Stop::Fatal)?;
+                sleep_or_cancel(delay, shutdown).await?;
+                continue;
+            }
             failures += 1;
             if error.is_permanent() || failures >= self.config.consumer_max_attempts {
                 tracing::error!(error = %error, topic = %meta.topic, offset = meta.offset, event_id = %meta.event_id, "dead-lettering record");
-                return self
+                return Ok(self
                     .dead_letter(m, &error.to_string(), failures, shutdown)
-                    .await;
+                    .await?);
             }
             let delay = backoff.next_delay();
             tracing::warn!(error = %error, attempt = failures, ?delay, "record failed; retrying");
@@ -560,11 +606,29 @@ async fn count(conn: &mut PgConnection, topic: &str, name: &str, by: i64) -> sql
 #[derive(Debug)]
 struct Cancelled;
 
-async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> Result<(), Cancelled> {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => Ok(()),
-        _ = shutdown.cancelled() => Err(Cancelled),
+/// Why [`ConsumeLoop::process`] stopped short.
+enum Stop {
+    Cancelled,
+    Fatal(sqlx::Error),
+}
+
+impl From<Cancelled> for Stop {
+    fn from(_: Cancelled) -> Self {
+        Stop::Cancelled
     }
+}
+
+/// The consume loop's own statements (recording processed events,
+/// counters, commits) keep failing for a reason other than unavailability.
+#[derive(Debug, thiserror::Error)]
+#[error("the consume loop cannot record its progress: {0}")]
+pub struct ConsumeError(#[source] sqlx::Error);
+
+async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> Result<(), Cancelled> {
+    shutdown
+        .run_until_cancelled(tokio::time::sleep(delay))
+        .await
+        .ok_or(Cancelled)
 }
 
 #[derive(Debug, thiserror::Error)]

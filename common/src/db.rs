@@ -52,9 +52,12 @@ pub async fn migrate(
             Err(sqlx::migrate::MigrateError::Execute(e)) if is_unavailable(&e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, ?delay, "database unavailable; retrying migrations");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Err(DbError::Cancelled),
+                if shutdown
+                    .run_until_cancelled(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return Err(DbError::Cancelled);
                 }
             }
             Err(e) => return Err(e.into()),

@@ -13,7 +13,7 @@ use tonic_health::server::HealthReporter;
 /// Builds a router with health and reflection for the service named
 /// `service` (e.g. `shop.order.v1.OrderService`); add that service to it.
 /// Reflection advertises only what this server serves, although the
-/// descriptor set describes every API. [`crate::service::Infra::serve_grpc`]
+/// descriptor set describes every API. [`crate::service::Service::serve_grpc`]
 /// turns the reporter NOT_SERVING until [`crate::health::monitor`] has
 /// checked the dependencies.
 pub fn router(service: &str) -> (Router, HealthReporter) {
@@ -61,13 +61,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 
 /// Serves until `shutdown`, then stops accepting and lets in-flight calls
 /// finish.
-pub async fn serve(router: Router, listener: TcpListener, shutdown: CancellationToken) {
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let incoming = TcpListenerStream::new(listener);
-    if let Err(e) = router
+    router
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "gRPC server failed");
-    }
+        .await?;
     tracing::info!("gRPC server stopped");
+    Ok(())
 }

@@ -49,7 +49,8 @@ pub async fn check(pool: &PgPool, producer: &FutureProducer, timeout: Duration) 
 
 /// Re-checks every `interval` until `shutdown`, updating `reporter` for ""
 /// and each of `services`; logs each change. On shutdown everything turns
-/// NOT_SERVING so that load balancers drain this instance first.
+/// NOT_SERVING, for the health watchers still connected while in-flight
+/// calls finish (the servers stop accepting on the same token).
 pub async fn monitor(
     pool: PgPool,
     producer: FutureProducer,
@@ -79,9 +80,12 @@ pub async fn monitor(
             set_all(&reporter, &services, status).await;
             last = Some(now);
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => break,
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(interval))
+            .await
+            .is_none()
+        {
+            break;
         }
     }
     set_all(&reporter, &services, ServingStatus::NotServing).await;

@@ -109,9 +109,11 @@ pub async fn ensure_topics(
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let outcome = tokio::select! {
-            r = admin.create_topics(&topics, &options) => r,
-            _ = shutdown.cancelled() => return Err(KafkaError::Cancelled),
+        let Some(outcome) = shutdown
+            .run_until_cancelled(admin.create_topics(&topics, &options))
+            .await
+        else {
+            return Err(KafkaError::Cancelled);
         };
         let retry = match outcome {
             Ok(results) => {
@@ -135,9 +137,12 @@ pub async fn ensure_topics(
         if !retry {
             return Ok(());
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => return Err(KafkaError::Cancelled),
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(backoff.next_delay()))
+            .await
+            .is_none()
+        {
+            return Err(KafkaError::Cancelled);
         }
     }
 }

@@ -12,8 +12,16 @@
 //!   `event_id` as processed, then store offsets. Transient failures retry
 //!   with backoff; undecodable or permanently failing records go to
 //!   `<topic>.dlq`.
+//! - [`saga`]: the shape payment and inventory share as the two sides of
+//!   the order saga (act on `OrderCreated`, undo on `OrderCancelled`, a
+//!   marker when the cancellation comes first).
+//! - [`service`]: the skeleton every service is built on (ports open at
+//!   once, start-up, readiness); [`supervisor`]: its tasks, stopped in
+//!   order, and a non-zero exit when one dies.
 //! - [`health`]: `grpc.health.v1` status that follows the database and the
 //!   broker; [`grpc`]: the server with health and reflection built in.
+//! - [`error`]: the invalid-argument type and the database-error policy
+//!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
 //!   [`rest`]: plumbing with documented defaults.
 
@@ -21,6 +29,7 @@ pub mod catalog;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod kafka;
@@ -30,6 +39,7 @@ pub mod retry;
 pub mod saga;
 pub mod service;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;
 pub mod time;
 pub mod topics;

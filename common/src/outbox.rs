@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{config::PipelineConfig, kafka, retry::Backoff};
+use crate::{config::PipelineConfig, db, kafka, retry::Streak};
 
 /// Arbitrary constant naming the relay's advisory lock.
 const RELAY_LOCK: i64 = 0x5348_4f50_4f55_5442; // "SHOPOUTB"
@@ -101,6 +101,28 @@ enum RelayError {
     Publish(#[from] rdkafka::error::KafkaError),
 }
 
+impl RelayError {
+    /// Worth waiting out: the database unreachable or busy, or the broker
+    /// (publish failures show up as timeouts while it is away).
+    fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Db(e) => db::is_transient(e),
+            RelayError::Publish(_) => true,
+        }
+    }
+}
+
+/// An outbox row waiting to be published.
+#[derive(sqlx::FromRow)]
+struct PendingRow {
+    id: i64,
+    topic: String,
+    key: String,
+    event_type: String,
+    event_id: Uuid,
+    payload: Vec<u8>,
+}
+
 /// Publishes the outbox of one database.
 pub struct Relay {
     pool: PgPool,
@@ -128,21 +150,31 @@ impl Relay {
         self.notifier.clone()
     }
 
-    /// Publishes until `shutdown`, then drains what is pending (best effort)
-    /// and flushes the producer.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    /// Publishes until `stop`, then drains what is pending (best effort)
+    /// and flushes the producer. An unreachable database or broker is
+    /// waited out; any other error that repeats (see [`Streak`]) ends the
+    /// relay with that error, and with it the service.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut streak = Streak::new();
         let mut last_prune = tokio::time::Instant::now();
         loop {
             match self.drain().await {
-                Ok(_) => backoff.reset(),
+                Ok(_) => streak.reset(),
                 Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, ?delay, "outbox relay failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = shutdown.cancelled() => break,
+                    tracing::warn!(error = %e, "outbox relay failed");
+                    let transient = e.is_transient();
+                    let delay = streak.failed(e, transient).map_err(|e| {
+                        anyhow::Error::new(e).context("the outbox relay cannot go on")
+                    })?;
+                    tracing::debug!(?delay, "retrying the outbox relay");
+                    if stop
+                        .run_until_cancelled(tokio::time::sleep(delay))
+                        .await
+                        .is_none()
+                    {
+                        break;
                     }
+                    continue;
                 }
             }
             if last_prune.elapsed() >= self.retention.min(Duration::from_secs(60)) {
@@ -153,10 +185,14 @@ impl Relay {
                     Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
                 }
             }
-            tokio::select! {
-                _ = self.notifier.0.notified() => {}
-                _ = tokio::time::sleep(self.poll_interval) => {}
-                _ = shutdown.cancelled() => break,
+            let woken = async {
+                tokio::select! {
+                    () = self.notifier.0.notified() => {}
+                    () = tokio::time::sleep(self.poll_interval) => {}
+                }
+            };
+            if stop.run_until_cancelled(woken).await.is_none() {
+                break;
             }
         }
         if let Err(e) = self.drain().await {
@@ -166,15 +202,17 @@ impl Relay {
             tracing::warn!(error = %e, "producer flush on shutdown failed");
         }
         tracing::info!("outbox relay stopped");
+        Ok(())
     }
 
     /// Publishes batches until none is full.
-    async fn drain(&self) -> Result<u64, RelayError> {
+    async fn drain(&self) -> Result<usize, RelayError> {
+        let full = usize::try_from(self.batch_size).unwrap_or(usize::MAX);
         let mut total = 0;
         loop {
             let n = self.publish_batch().await?;
             total += n;
-            if (n as i64) < self.batch_size {
+            if n < full {
                 return Ok(total);
             }
         }
@@ -182,7 +220,7 @@ impl Relay {
 
     /// One round: lock, read a batch, publish it all, await every delivery,
     /// mark the batch published, commit. Returns how many were published.
-    async fn publish_batch(&self) -> Result<u64, RelayError> {
+    async fn publish_batch(&self) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
@@ -191,7 +229,7 @@ impl Relay {
         if !locked {
             return Ok(0); // another replica's relay is publishing
         }
-        let rows: Vec<(i64, String, String, String, Uuid, Vec<u8>)> = sqlx::query_as(
+        let rows: Vec<PendingRow> = sqlx::query_as(
             "SELECT id, topic, key, event_type, event_id, payload FROM outbox
              WHERE published_at IS NULL ORDER BY id LIMIT $1",
         )
@@ -204,23 +242,23 @@ impl Relay {
         // Enqueue the whole batch before awaiting: librdkafka batches per
         // partition, and idempotence keeps the per-partition order.
         let mut deliveries = Vec::with_capacity(rows.len());
-        for (_, topic, key, event_type, event_id, payload) in &rows {
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
-                .headers(kafka::event_headers(event_type, event_id));
+        for row in &rows {
+            let record = FutureRecord::to(&row.topic)
+                .key(&row.key)
+                .payload(&row.payload)
+                .headers(kafka::event_headers(&row.event_type, &row.event_id));
             deliveries.push(self.producer.send(record, Duration::from_secs(30)));
         }
         for delivery in futures::future::join_all(deliveries).await {
             delivery.map_err(|(e, _)| e)?;
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(rows.len() as u64)
+        Ok(rows.len())
     }
 
     async fn prune(&self) -> sqlx::Result<u64> {

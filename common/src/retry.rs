@@ -48,9 +48,74 @@ impl Default for Backoff {
     }
 }
 
+/// The failures of a background loop (outbox relay, deadline sweeper, the
+/// consume loop's own bookkeeping) in a row. A dependency that is
+/// unreachable is waited out for as long as it takes, with backoff: that is
+/// what health NOT_SERVING reports. Any other error (a table gone, a
+/// database dropped, a permission revoked) will not cure itself: after
+/// [`Streak::LIMIT`] in a row the loop gives up, so that its service exits
+/// and its supervisor restarts it where someone will see it.
+#[derive(Debug)]
+pub struct Streak {
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl Streak {
+    /// Consecutive non-transient failures a loop tolerates (about 3 s of
+    /// backoff in all).
+    pub const LIMIT: u32 = 5;
+
+    pub fn new() -> Self {
+        Self {
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            failures: 0,
+        }
+    }
+
+    /// The loop made progress: start counting afresh.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
+        self.failures = 0;
+    }
+
+    /// Records a failure. Returns how long to wait before retrying, or
+    /// gives `error` back when it is not `transient` and has happened
+    /// [`Streak::LIMIT`] times in a row.
+    pub fn failed<E>(&mut self, error: E, transient: bool) -> Result<Duration, E> {
+        if !transient {
+            self.failures += 1;
+            if self.failures >= Self::LIMIT {
+                return Err(error);
+            }
+        }
+        Ok(self.backoff.next_delay())
+    }
+}
+
+impl Default for Streak {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streak_waits_out_transient_errors_and_gives_up_on_others() {
+        let mut streak = Streak::new();
+        for _ in 0..100 {
+            assert!(streak.failed("unreachable", true).is_ok());
+        }
+        for _ in 1..Streak::LIMIT {
+            assert!(streak.failed("no such table", false).is_ok());
+        }
+        assert_eq!(streak.failed("no such table", false), Err("no such table"));
+        streak.reset();
+        assert!(streak.failed("no such table", false).is_ok());
+    }
 
     #[test]
     fn grows_and_caps() {

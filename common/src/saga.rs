@@ -1,9 +1,21 @@
-//! What payment and inventory share as the two sides of the order saga:
-//! the events they act on from the `orders` topic, and the reasons they
-//! store when an order's cancellation overtakes its creation. The invariant
-//! checker reads the same constants, so the strings are defined only here.
+//! What payment and inventory share as the two sides of the order saga.
+//!
+//! Both consume `orders`: an `OrderCreated` makes them act (pay or decline,
+//! reserve or reject), an `OrderCancelled` makes them undo what they did
+//! (refund, release). A side plugs in those two steps as an [`OrderSide`];
+//! [`OrderSideHandler`] turns it into the consume loop's handler and holds
+//! the one rule they share: a cancellation that overtakes its order's
+//! creation leaves a marker record, so that the late creation does nothing.
+//! The markers' reasons are defined here, and the invariant checker reads
+//! the same constants.
 
-use crate::consumer::{DecodeError, decode_as};
+use std::future::Future;
+
+use shop_proto::events::{OrderCancelled, OrderCreated};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id};
 
 /// Reason on the DECLINED payment row written when an order's
 /// `OrderCancelled` arrives before its `OrderCreated`: the late creation
@@ -34,4 +46,108 @@ impl OrderEvent {
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         }))
     }
+}
+
+/// One side of the saga (payment or inventory): what it does when an order
+/// is created and when it is cancelled. Each step runs in the consume
+/// loop's transaction and publishes its result through the outbox.
+pub trait OrderSide: Send + Sync + 'static {
+    /// Acts on a new order and publishes the result. An order that already
+    /// has a record on this side (a duplicate under a new event id, or a
+    /// cancellation that came first) must change nothing.
+    fn created(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        event: OrderCreated,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Locks the order's record on this side. Without one, returns false.
+    /// With one, undoes what [`OrderSide::created`] did (unless there was
+    /// nothing to undo, or it is undone already), publishes that, and
+    /// returns true.
+    fn compensate(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        event: &OrderCancelled,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send;
+
+    /// Writes the record of an order cancelled before its creation arrived
+    /// (it makes a late [`OrderSide::created`] do nothing), unless the order
+    /// has a record by now; returns whether it wrote it. Inserting waits for
+    /// a concurrent transaction that writes the order's record.
+    fn mark_cancelled_first(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        customer_id: &str,
+    ) -> impl Future<Output = sqlx::Result<bool>> + Send;
+}
+
+/// Plugs an [`OrderSide`] into the consume loop (`common::consumer`).
+pub struct OrderSideHandler<S>(pub S);
+
+impl<S: OrderSide> EventHandler for OrderSideHandler<S> {
+    type Event = OrderEvent;
+
+    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<OrderEvent>, DecodeError> {
+        OrderEvent::decode(event_type, payload)
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        _meta: &EventMeta,
+        event: OrderEvent,
+    ) -> Result<(), HandlerError> {
+        match event {
+            OrderEvent::Created(e) => {
+                let order_id = parse_id("order id", &e.order_id)?;
+                require_customer(&e.customer_id, order_id)?;
+                self.0.created(conn, order_id, e).await
+            }
+            OrderEvent::Cancelled(e) => self.cancelled(conn, e).await,
+        }
+    }
+}
+
+impl<S: OrderSide> OrderSideHandler<S> {
+    async fn cancelled(
+        &self,
+        conn: &mut PgConnection,
+        e: OrderCancelled,
+    ) -> Result<(), HandlerError> {
+        let order_id = parse_id("order id", &e.order_id)?;
+        if self.0.compensate(conn, order_id, &e).await? {
+            return Ok(());
+        }
+        require_customer(&e.customer_id, order_id)?;
+        if self
+            .0
+            .mark_cancelled_first(conn, order_id, &e.customer_id)
+            .await?
+        {
+            tracing::info!(%order_id, "order cancelled before its creation arrived; it will not be acted on");
+            return Ok(());
+        }
+        // The marker lost to the order's creation, which committed while
+        // the insert waited: undo what it did.
+        if self.0.compensate(conn, order_id, &e).await? {
+            Ok(())
+        } else {
+            Err(HandlerError::Permanent(format!(
+                "the record of order {order_id} vanished while it was being cancelled"
+            )))
+        }
+    }
+}
+
+fn require_customer(customer_id: &str, order_id: Uuid) -> Result<(), HandlerError> {
+    if customer_id.is_empty() {
+        return Err(HandlerError::Permanent(format!(
+            "order {order_id} has no customer_id"
+        )));
+    }
+    Ok(())
 }

@@ -1,17 +1,23 @@
-//! Start-up and shutdown shared by the services.
+//! The skeleton every service is built on: connect, open the ports, get
+//! ready, run supervised, stop in order. A service's `build` only adds its
+//! API, its seed data and its consumer:
 //!
-//! Start-up: [`Infra::new`] creates the pool and the idempotent producer;
-//! [`Infra::serve_grpc`] opens the gRPC port at once (health NOT_SERVING,
-//! the API UNAVAILABLE) so that probes get answers while [`Infra::prepare`]
-//! waits for the database and broker, runs migrations and creates topics;
-//! [`Infra::ready`] then opens the API and lets health follow the
-//! dependencies. [`Supervisor`] runs the tasks
-//! and shuts them down in order: servers and consumers first, so that no new
-//! work arrives and in-flight work commits, then the outbox relay, which
-//! publishes what they wrote and flushes the producer.
+//! ```text
+//! Service::new ─► serve_grpc (NOT_SERVING, API UNAVAILABLE) ─► prepare
+//!   (waits for database and broker; migrations, topics) ─► seed ─► ready
+//!   (API open, health follows the dependencies) ─► spawn_consumer ─► started
+//! ```
+//!
+//! The ports open before the dependencies are waited for, so that probes
+//! get an answer (NOT_SERVING) rather than a refused connection.
+//! [`Running::run`] hands every task to the [`Supervisor`]: a task that
+//! ends before shutdown stops the service with an error, which [`main`]
+//! turns into a non-zero exit.
 
 use std::{
     future::Future,
+    net::SocketAddr,
+    process::ExitCode,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,88 +26,63 @@ use std::{
 
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, migrate::Migrator};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::{ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     consumer::{self, ConsumeLoop, EventHandler},
     db::{self, DbError},
     kafka::{self, KafkaError},
-    outbox::Notifier,
-    outbox::Relay,
+    outbox::{Notifier, Relay},
+    supervisor::{Supervisor, TaskFailed, TaskResult},
 };
 
+/// Why a service could not start. Each variant names the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
+    #[error("invalid setting: {0}")]
+    Setting(String),
+    #[error("database: {0}")]
     Db(#[from] DbError),
-    #[error(transparent)]
+    #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("cannot bind {what}: {source}")]
     Bind {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    #[error("{step} failed: {source}")]
+    Step {
+        step: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
-impl From<rdkafka::error::KafkaError> for StartError {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        StartError::Kafka(e.into())
-    }
-}
-
-impl From<sqlx::Error> for StartError {
-    fn from(e: sqlx::Error) -> Self {
-        StartError::Db(DbError::Migrate(e.into()))
-    }
-}
-
-/// The connections of one running service.
-pub struct Infra {
-    pub pool: PgPool,
-    pub producer: FutureProducer,
-    pub kafka: KafkaConfig,
-    pub pipeline: PipelineConfig,
-}
-
-impl Infra {
-    /// Creates the pool and the producer. Both connect lazily, so this
-    /// succeeds while the database or broker is down; see [`Infra::prepare`].
-    pub fn new(
-        db: &DbConfig,
-        kafka_cfg: KafkaConfig,
-        pipeline: PipelineConfig,
-    ) -> Result<Self, StartError> {
-        Ok(Self {
-            pool: db::pool(db)?,
-            producer: kafka::producer(&kafka_cfg)?,
-            kafka: kafka_cfg,
-            pipeline,
-        })
+impl StartError {
+    /// For `map_err`: the error of the start-up step named `step` (such as
+    /// "seeding stock").
+    pub fn step<E>(step: &'static str) -> impl FnOnce(E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        move |e| Self::Step {
+            step,
+            source: Box::new(e),
+        }
     }
 
-    /// Runs the migrations and creates the pipeline's topics, waiting (with
-    /// backoff) for the database and the broker to be reachable.
-    pub async fn prepare(
-        &self,
-        migrator: &Migrator,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StartError> {
-        db::migrate(&self.pool, migrator, shutdown).await?;
-        kafka::ensure_topics(&self.kafka, &crate::topics::ALL, shutdown).await?;
-        Ok(())
-    }
-
-    /// The supervisor of this service's tasks, owning its outbox relay, and
-    /// the notifier writers use to wake that relay after they commit.
-    pub fn supervisor(&self) -> (Supervisor, Notifier) {
-        let relay = Relay::new(self.pool.clone(), self.producer.clone(), &self.pipeline);
-        let notifier = relay.notifier();
-        (Supervisor::new(relay), notifier)
+    /// Shutdown was asked for while start-up waited: not a failure.
+    fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            StartError::Db(DbError::Cancelled) | StartError::Kafka(KafkaError::Cancelled)
+        )
     }
 }
 
@@ -126,9 +107,12 @@ impl Readiness {
     ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<>
     {
         let ready = self.clone();
-        move |request| match ready.is_ready() {
-            true => Ok(request),
-            false => Err(Self::starting()),
+        move |request| {
+            if ready.is_ready() {
+                Ok(request)
+            } else {
+                Err(Self::starting())
+            }
         }
     }
 
@@ -138,134 +122,280 @@ impl Readiness {
     }
 }
 
-/// A service on its way up: its health reporter and its readiness, until
-/// [`Infra::ready`].
-pub struct Starting {
-    reporter: tonic_health::server::HealthReporter,
-    services: Vec<String>,
+/// A service being built (see the module docs).
+pub struct Service {
+    /// The service's database.
+    pub pool: PgPool,
+    /// The idempotent producer (outbox relay, dead letters).
+    pub producer: FutureProducer,
+    pub kafka: KafkaConfig,
+    pipeline: PipelineConfig,
+    supervisor: Supervisor,
+    outbox: Notifier,
+    health: HealthReporter,
+    health_services: Vec<String>,
     readiness: Readiness,
+    router: Option<Router>,
+    shutdown: CancellationToken,
+    grpc_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
 }
 
-impl Starting {
-    /// For the gRPC service named `service_name`, whose health `reporter`
-    /// comes from [`crate::grpc::router`].
-    pub fn new(reporter: tonic_health::server::HealthReporter, service_name: &str) -> Self {
-        Self {
-            reporter,
-            services: vec![service_name.to_owned()],
+impl Service {
+    /// Creates the pool, the producer and the outbox relay for the gRPC
+    /// service named `grpc_service` (e.g. `shop.payment.v1.PaymentService`).
+    /// The pool and the producer connect lazily, so this succeeds while the
+    /// database or broker is down; see [`Service::prepare`].
+    pub fn new(
+        grpc_service: &str,
+        db: &DbConfig,
+        kafka_cfg: KafkaConfig,
+        pipeline: PipelineConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let pool = db::pool(db)?;
+        let producer = kafka::producer(&kafka_cfg)?;
+        let (router, health) = crate::grpc::router(grpc_service);
+        let health_services = vec![grpc_service.to_owned()];
+        let mut supervisor = Supervisor::new();
+        supervisor.report_to(health.clone(), health_services.clone());
+        let relay = Relay::new(pool.clone(), producer.clone(), &pipeline);
+        let outbox = relay.notifier();
+        supervisor.spawn_last("outbox relay", |stop| relay.run(stop));
+        Ok(Self {
+            pool,
+            producer,
+            kafka: kafka_cfg,
+            pipeline,
+            supervisor,
+            outbox,
+            health,
+            health_services,
             readiness: Readiness::default(),
-        }
+            router: Some(router),
+            shutdown,
+            grpc_addr: None,
+            http_addr: None,
+        })
     }
 
     /// Gate the service's API with this (see [`Readiness::interceptor`]).
     pub fn readiness(&self) -> &Readiness {
         &self.readiness
     }
-}
 
-/// Runs a service's tasks and stops them in order (see module docs).
-pub struct Supervisor {
-    front: TaskTracker,
-    relay: Relay,
-}
-
-impl Supervisor {
-    pub fn new(relay: Relay) -> Self {
-        Self {
-            front: TaskTracker::new(),
-            relay,
-        }
+    /// Wakes the outbox relay; writers call it after they commit.
+    pub fn outbox(&self) -> Notifier {
+        self.outbox.clone()
     }
 
-    /// Spawns a task that stops on its own when the shutdown token fires.
-    pub fn spawn<F>(&self, task: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.front.spawn(task);
+    /// The service's shutdown token.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
-    /// Runs until `shutdown`; returns when everything has stopped.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(self.relay.run(relay_stop.clone()));
-        shutdown.cancelled().await;
-        self.front.close();
-        self.front.wait().await;
-        relay_stop.cancel();
-        let _ = relay.await;
-        tracing::info!("shutdown complete");
-    }
-}
-
-impl Infra {
-    /// Binds `addr` and serves `router` (the service's API, gated by
-    /// `starting`'s readiness, on top of [`crate::grpc::router`]) right
-    /// away, NOT_SERVING until [`Infra::ready`]. Returns the address bound.
+    /// Binds `addr` and serves health, reflection and what `add_api` adds
+    /// right away, NOT_SERVING until [`Service::ready`]. Returns the address
+    /// bound (port 0 picks a free one).
     pub async fn serve_grpc(
-        &self,
-        supervisor: &Supervisor,
-        router: tonic::transport::server::Router,
-        starting: &Starting,
-        addr: std::net::SocketAddr,
-        shutdown: &CancellationToken,
-    ) -> Result<std::net::SocketAddr, StartError> {
+        &mut self,
+        addr: SocketAddr,
+        add_api: impl FnOnce(Router) -> Router,
+    ) -> Result<SocketAddr, StartError> {
         // tonic-health starts "" as SERVING; nothing is known yet.
         crate::health::set_all(
-            &starting.reporter,
-            &starting.services,
-            tonic_health::ServingStatus::NotServing,
+            &self.health,
+            &self.health_services,
+            ServingStatus::NotServing,
         )
         .await;
-        let (listener, bound) =
-            crate::grpc::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "GRPC_ADDR",
-                    source,
-                })?;
-        supervisor.spawn(crate::grpc::serve(router, listener, shutdown.clone()));
+        let router = self
+            .router
+            .take()
+            .ok_or_else(|| StartError::Setting("the gRPC server is served once".to_owned()))?;
+        let router = add_api(router);
+        let (listener, bound) = bind(addr, "GRPC_ADDR").await?;
+        let shutdown = self.shutdown.clone();
+        self.supervisor.spawn("gRPC server", async move {
+            crate::grpc::serve(router, listener, shutdown).await?;
+            Ok(())
+        });
+        self.grpc_addr = Some(bound);
         Ok(bound)
+    }
+
+    /// Binds `addr` and serves the REST `router` until shutdown, letting
+    /// in-flight requests finish. Returns the address bound.
+    pub async fn serve_http(
+        &mut self,
+        addr: SocketAddr,
+        router: axum::Router,
+    ) -> Result<SocketAddr, StartError> {
+        let (listener, bound) = bind(addr, "HTTP_ADDR").await?;
+        let shutdown = self.shutdown.clone();
+        self.supervisor.spawn("REST server", async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await?;
+            tracing::info!("REST server stopped");
+            Ok(())
+        });
+        self.http_addr = Some(bound);
+        Ok(bound)
+    }
+
+    /// Runs the migrations and creates the pipeline's topics, waiting (with
+    /// backoff) for the database and the broker to be reachable.
+    pub async fn prepare(&self, migrator: &Migrator) -> Result<(), StartError> {
+        db::migrate(&self.pool, migrator, &self.shutdown).await?;
+        kafka::ensure_topics(&self.kafka, &crate::topics::ALL, &self.shutdown).await?;
+        Ok(())
     }
 
     /// Start-up is done: the API answers, and health follows the database
     /// and the broker from now on.
-    pub fn ready(&self, supervisor: &Supervisor, starting: Starting, shutdown: &CancellationToken) {
-        starting.readiness.mark_ready();
-        supervisor.spawn(crate::health::monitor(
+    pub fn ready(&mut self) {
+        self.readiness.mark_ready();
+        let monitor = crate::health::monitor(
             self.pool.clone(),
             self.producer.clone(),
-            starting.reporter,
-            starting.services,
+            self.health.clone(),
+            self.health_services.clone(),
             self.pipeline.health_interval,
-            shutdown.clone(),
-        ));
+            self.shutdown.clone(),
+        );
+        self.supervisor.spawn("health monitor", async move {
+            monitor.await;
+            Ok(())
+        });
     }
 
     /// Subscribes to `topics` (pipeline names, without prefix) and runs
     /// `handler` in the consume loop until shutdown.
     pub fn spawn_consumer<H: EventHandler>(
-        &self,
-        supervisor: &Supervisor,
+        &mut self,
         topics: &[&str],
         handler: H,
-        outbox: Notifier,
-        shutdown: &CancellationToken,
     ) -> Result<(), StartError> {
         let names: Vec<String> = topics.iter().map(|t| self.kafka.topic(t)).collect();
-        let consumer = consumer::subscribe(&self.kafka, &names)?;
-        supervisor.spawn(
-            ConsumeLoop {
-                consumer,
-                handler,
-                pool: self.pool.clone(),
-                producer: self.producer.clone(),
-                outbox,
-                group_id: self.kafka.group_id.clone(),
-                config: self.pipeline.clone(),
-            }
-            .run(shutdown.clone()),
-        );
+        let consumer = consumer::subscribe(&self.kafka, &names).map_err(KafkaError::from)?;
+        let consume = ConsumeLoop {
+            consumer,
+            handler,
+            pool: self.pool.clone(),
+            producer: self.producer.clone(),
+            outbox: self.outbox.clone(),
+            group_id: self.kafka.group_id.clone(),
+            config: self.pipeline.clone(),
+        }
+        .run(self.shutdown.clone());
+        self.supervisor.spawn("consume loop", async move {
+            consume.await?;
+            Ok(())
+        });
         Ok(())
+    }
+
+    /// Runs a task of the service's own (such as a sweeper) under the
+    /// supervisor: it must stop by itself when [`Service::shutdown`] fires,
+    /// and an `Err` or an early end stops the service.
+    pub fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.supervisor.spawn(name, task);
+    }
+
+    /// Start-up is complete.
+    pub fn started(self) -> Running {
+        tracing::info!(
+            grpc_addr = ?self.grpc_addr,
+            http_addr = ?self.http_addr,
+            "service started"
+        );
+        Running {
+            grpc_addr: self.grpc_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            http_addr: self.http_addr,
+            supervisor: self.supervisor,
+            shutdown: self.shutdown,
+        }
+    }
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    crate::grpc::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, source })
+}
+
+/// A started service, bound to its ports, not yet supervised.
+pub struct Running {
+    grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    supervisor: Supervisor,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    /// The gRPC address really bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The REST address really bound, if the service has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Runs until the shutdown token fires, then stops in order. An error
+    /// means a task ended on its own (see [`Supervisor::run`]).
+    pub async fn run(self) -> Result<(), TaskFailed> {
+        self.supervisor.run(self.shutdown).await
+    }
+}
+
+/// A service binary's whole `main`: logging, configuration, signals, build,
+/// run. Exits 0 after a requested shutdown, 1 when start-up failed or a task
+/// died, 2 on invalid configuration, each with a log line that says why.
+pub async fn main<C, B, F>(from_env: impl FnOnce() -> Result<C, ConfigError>, build: B) -> ExitCode
+where
+    B: FnOnce(C, CancellationToken) -> F,
+    F: Future<Output = Result<Running, StartError>>,
+{
+    crate::telemetry::init();
+    let config = match from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = match crate::shutdown::on_signal() {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(error = %StartError::Signals(e), "start-up failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let running = match build(config, shutdown).await {
+        Ok(running) => running,
+        Err(e) if e.is_cancelled() => {
+            tracing::info!("shut down during start-up");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "start-up failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    match running.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "service stopped on a failure; exiting non-zero");
+            ExitCode::FAILURE
+        }
     }
 }

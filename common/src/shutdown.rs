@@ -4,30 +4,24 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Returns a token cancelled by the first SIGTERM or SIGINT.
-pub fn on_signal() -> CancellationToken {
+/// Returns a token cancelled by the first SIGTERM or SIGINT. The handlers
+/// are installed before this returns, so a failure to install them is a
+/// start-up error rather than a panic in a background task.
+pub fn on_signal() -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let cancel = token.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown signal received; finishing in-flight work");
-        cancel.cancel();
-    });
-    token
-}
-
-async fn wait_for_signal() {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    }
+        tracing::info!("shutdown signal received; finishing in-flight work");
+        cancel.cancel();
+    });
+    Ok(token)
 }

@@ -9,14 +9,10 @@ pub const MAX_PRODUCT_ID_LEN: usize = 64;
 /// Most units `SetStock` accepts for one product; more is taken for a typo.
 pub const MAX_AVAILABLE: i64 = 1_000_000_000_000;
 
-/// Input that can never be applied; the message says why and is safe to
-/// show to the client (or to put in a dead letter's headers).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
+pub use common::error::Invalid;
 
 /// One product's quantity in an order, after merging its lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Line {
     pub product_id: String,
     pub quantity: i32,
@@ -101,8 +97,10 @@ pub fn decide(lines: &[Line], available: &BTreeMap<String, i64>) -> Decision {
     }
 }
 
-/// A reservation's state as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A reservation's state as stored (a TEXT column with a CHECK on these
+/// names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
     /// Stock is held for the order.
     Reserved,
@@ -119,15 +117,6 @@ impl Status {
             Status::Reserved => "RESERVED",
             Status::Rejected => "REJECTED",
             Status::Released => "RELEASED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "RESERVED" => Some(Status::Reserved),
-            "REJECTED" => Some(Status::Rejected),
-            "RELEASED" => Some(Status::Released),
-            _ => None,
         }
     }
 }
@@ -242,14 +231,6 @@ mod tests {
                     .into()
             )
         );
-    }
-
-    #[test]
-    fn status_round_trips() {
-        for s in [Status::Reserved, Status::Rejected, Status::Released] {
-            assert_eq!(Status::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(Status::parse("PENDING"), None);
     }
 
     #[test]

@@ -18,16 +18,9 @@ pub enum InventoryError {
 impl From<InventoryError> for Status {
     fn from(e: InventoryError) -> Self {
         match e {
-            InventoryError::Invalid(i) => Status::invalid_argument(i.0),
+            InventoryError::Invalid(i) => i.into(),
             InventoryError::NotFound(_) => Status::not_found(e.to_string()),
-            InventoryError::Db(db) if common::db::is_unavailable(&db) => {
-                tracing::warn!(error = %db, "database unavailable");
-                Status::unavailable("database unavailable; retry later")
-            }
-            InventoryError::Db(db) => {
-                tracing::error!(error = %db, "database error");
-                Status::internal("internal error")
-            }
+            InventoryError::Db(db) => common::error::db_status(&db),
         }
     }
 }

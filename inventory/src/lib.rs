@@ -4,24 +4,25 @@
 //!   decision and its reason, API input checks (pure).
 //! - [`store`]: the stock database (stock, reservations, their items) and
 //!   the seeding of stock from the shared catalog fixture.
-//! - [`reservations`]: consumes `orders`; `OrderCreated` reserves stock or
+//! - [`consumer`]: consumes `orders`; `OrderCreated` reserves stock or
 //!   rejects the order, `OrderCancelled` releases it; results go to the
 //!   `inventory` topic through the outbox.
 //! - [`grpc`]: `GetStock` and `SetStock`; [`error`] maps failures to status
 //!   codes.
-//! - [`Application`]: wires it together on the shared plumbing of `common`.
+//! - [`build`]: wires it together on the skeleton of `common::service`.
 
+pub mod consumer;
 pub mod domain;
 pub mod error;
 pub mod grpc;
-pub mod reservations;
 pub mod store;
 
 use std::net::SocketAddr;
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Starting, Supervisor},
+    saga::OrderSideHandler,
+    service::{Service, StartError},
     topics,
 };
 use shop_proto::inventory::inventory_service_server::{InventoryServiceServer, SERVICE_NAME};
@@ -50,59 +51,39 @@ impl Config {
     }
 }
 
-/// A built, bound, not yet running inventory service.
-pub struct Application {
-    grpc_addr: SocketAddr,
-    supervisor: Supervisor,
-    shutdown: CancellationToken,
-}
+/// A started inventory service; `run` it.
+pub type Application = common::service::Running;
 
-impl Application {
-    /// Connects, migrates, seeds stock, binds the gRPC port and spawns every
-    /// task; [`Application::run`] waits for shutdown.
-    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
-        let (supervisor, notifier) = infra.supervisor();
-
-        let (router, reporter) = common::grpc::router(SERVICE_NAME);
-        let starting = Starting::new(reporter, SERVICE_NAME);
-        let router = router.add_service(InventoryServiceServer::with_interceptor(
-            grpc::InventoryGrpc {
-                pool: infra.pool.clone(),
-            },
-            starting.readiness().interceptor(),
-        ));
-        let grpc_addr = infra
-            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
-            .await?;
-        infra
-            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
-            .await?;
-        store::seed_stock(&infra.pool).await?;
-        infra.ready(&supervisor, starting, &shutdown);
-        infra.spawn_consumer(
-            &supervisor,
-            &[topics::ORDERS],
-            reservations::ReservationHandler {
-                inventory_topic: config.kafka.topic(topics::INVENTORY),
-            },
-            notifier,
-            &shutdown,
-        )?;
-        tracing::info!(%grpc_addr, "inventory service started");
-        Ok(Self {
-            grpc_addr,
-            supervisor,
-            shutdown,
-        })
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
-    }
-
-    /// Runs until the shutdown token fires, then stops in order.
-    pub async fn run(self) {
-        self.supervisor.run(self.shutdown).await;
-    }
+/// Opens the gRPC port at once, waits for the database and the broker
+/// (migrations, topics), seeds stock, then opens the API and starts the
+/// consumer.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Application, StartError> {
+    let mut service = Service::new(
+        SERVICE_NAME,
+        &config.db,
+        config.kafka.clone(),
+        config.pipeline.clone(),
+        shutdown,
+    )?;
+    let api = InventoryServiceServer::with_interceptor(
+        grpc::InventoryGrpc {
+            pool: service.pool.clone(),
+        },
+        service.readiness().interceptor(),
+    );
+    service
+        .serve_grpc(config.grpc_addr, |router| router.add_service(api))
+        .await?;
+    service.prepare(&sqlx::migrate!("./migrations")).await?;
+    store::seed_stock(&service.pool)
+        .await
+        .map_err(StartError::step("seeding stock"))?;
+    service.ready();
+    service.spawn_consumer(
+        &[topics::ORDERS],
+        OrderSideHandler(consumer::Reservations {
+            inventory_topic: config.kafka.topic(topics::INVENTORY),
+        }),
+    )?;
+    Ok(service.started())
 }

@@ -1,14 +1,8 @@
 //! `inventory` binary: configuration from the environment (see README.md),
-//! runs until SIGTERM or Ctrl-C.
+//! runs until SIGTERM or Ctrl-C; exits non-zero if a task of the service
+//! dies (see `common::service::main`).
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    common::telemetry::init();
-    let config = inventory::Config::from_env()?;
-    let shutdown = common::shutdown::on_signal();
-    inventory::Application::build(config, shutdown)
-        .await?
-        .run()
-        .await;
-    Ok(())
+async fn main() -> std::process::ExitCode {
+    common::service::main(inventory::Config::from_env, inventory::build).await
 }

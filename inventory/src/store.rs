@@ -166,7 +166,7 @@ pub async fn insert_reservation(
     )
     .bind(new.order_id)
     .bind(new.customer_id)
-    .bind(new.status.as_str())
+    .bind(new.status)
     .bind(new.reason)
     .execute(&mut *conn)
     .await?;
@@ -189,38 +189,34 @@ pub async fn insert_reservation(
     Ok(true)
 }
 
-/// Locks an order's reservation until the transaction ends; returns its
-/// customer and status. An unreadable status reads as `None` status.
+/// A reservation as the consumer needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReservationRow {
+    pub customer_id: String,
+    pub status: Status,
+}
+
+/// Locks an order's reservation until the transaction ends.
 pub async fn lock_reservation(
     conn: &mut PgConnection,
     order_id: Uuid,
-) -> sqlx::Result<Option<(String, Option<Status>)>> {
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT customer_id, status FROM reservations WHERE order_id = $1 FOR UPDATE",
-    )
-    .bind(order_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|(customer_id, status)| (customer_id, Status::parse(&status))))
+) -> sqlx::Result<Option<ReservationRow>> {
+    sqlx::query_as("SELECT customer_id, status FROM reservations WHERE order_id = $1 FOR UPDATE")
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await
 }
 
 /// The items of a reservation, in product order.
 pub async fn reservation_items(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Vec<Line>> {
     // Stored as BIGINT; written from i32 quantities, so the cast holds.
-    let rows: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT product_id, quantity::int4 FROM reservation_items
+    sqlx::query_as(
+        "SELECT product_id, quantity::int4 AS quantity FROM reservation_items
          WHERE order_id = $1 ORDER BY product_id",
     )
     .bind(order_id)
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(product_id, quantity)| Line {
-            product_id,
-            quantity,
-        })
-        .collect())
+    .await
 }
 
 /// Marks a reservation RELEASED with the order's cancel reason.

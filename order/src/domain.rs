@@ -12,11 +12,7 @@ pub const MAX_LINES: usize = 100;
 /// Most units of one product in one order; more is taken for a typo.
 pub const MAX_QUANTITY: i32 = 10_000;
 
-/// A request that cannot become an order; the message says why and is safe
-/// to show to the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
+pub use common::error::Invalid;
 
 /// A validated request: who, and which products in what quantities.
 #[derive(Debug, Clone, PartialEq, Eq)]

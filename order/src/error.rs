@@ -25,7 +25,7 @@ pub enum OrderError {
 impl From<OrderError> for Status {
     fn from(e: OrderError) -> Self {
         match e {
-            OrderError::Invalid(i) => Status::invalid_argument(i.0),
+            OrderError::Invalid(i) => i.into(),
             OrderError::Pricing(PricingError::UnknownProduct(p)) => {
                 Status::not_found(format!("unknown product {p}"))
             }
@@ -33,14 +33,7 @@ impl From<OrderError> for Status {
             OrderError::NotFound(_) => Status::not_found(e.to_string()),
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
             OrderError::Starting => common::service::Readiness::starting(),
-            OrderError::Db(db) if common::db::is_unavailable(&db) => {
-                tracing::warn!(error = %db, "database unavailable");
-                Status::unavailable("database unavailable; retry later")
-            }
-            OrderError::Db(db) => {
-                tracing::error!(error = %db, "database error");
-                Status::internal("internal error")
-            }
+            OrderError::Db(db) => common::error::db_status(&db),
         }
     }
 }

@@ -5,16 +5,17 @@
 //! - [`store`]: the orders database; writes enqueue events in the outbox.
 //! - [`api`]: the behaviour both front ends share; [`grpc`] and [`rest`]
 //!   are thin adapters over it; [`error`] maps failures to status codes.
-//! - [`saga`]: consumes `payments` and `inventory`, decides CONFIRMED or
-//!   CANCELLED, and cancels orders past their deadline.
-//! - [`Application`]: wires it together on the shared plumbing of `common`.
+//! - [`consumer`]: consumes `payments` and `inventory`, decides CONFIRMED
+//!   or CANCELLED; [`deadline`] cancels orders whose results never came.
+//! - [`build`]: wires it together on the skeleton of `common::service`.
 
 pub mod api;
+pub mod consumer;
+pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod rest;
-pub mod saga;
 pub mod store;
 
 use std::{
@@ -25,7 +26,7 @@ use std::{
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Starting, Supervisor},
+    service::{Service, StartError},
     topics,
 };
 use shop_proto::order::order_service_server::{OrderServiceServer, SERVICE_NAME};
@@ -62,96 +63,61 @@ impl Config {
     }
 }
 
-/// A built, bound, not yet running order service.
-pub struct Application {
-    grpc_addr: SocketAddr,
-    http_addr: SocketAddr,
-    supervisor: Supervisor,
-    shutdown: CancellationToken,
-}
+/// A started order service; `run` it.
+pub type Application = common::service::Running;
 
-impl Application {
-    /// Connects, migrates, seeds the catalog, binds both ports and spawns
-    /// every task; [`Application::run`] waits for shutdown.
-    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
-        let (supervisor, notifier) = infra.supervisor();
-        let orders_topic = config.kafka.topic(topics::ORDERS);
-        let (router, reporter) = common::grpc::router(SERVICE_NAME);
-        let starting = Starting::new(reporter, SERVICE_NAME);
-        let catalog = Arc::new(OnceLock::new());
-        let api = api::OrderApi {
-            pool: infra.pool.clone(),
-            catalog: catalog.clone(),
-            readiness: starting.readiness().clone(),
+/// Opens both ports at once, waits for the database and the broker
+/// (migrations, topics), seeds the catalog, then opens the API and starts
+/// the consumer and the deadline sweeper.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Application, StartError> {
+    let mut service = Service::new(
+        SERVICE_NAME,
+        &config.db,
+        config.kafka.clone(),
+        config.pipeline.clone(),
+        shutdown,
+    )?;
+    let orders_topic = config.kafka.topic(topics::ORDERS);
+    let catalog = Arc::new(OnceLock::new());
+    let api = api::OrderApi {
+        pool: service.pool.clone(),
+        catalog: catalog.clone(),
+        readiness: service.readiness().clone(),
+        orders_topic: orders_topic.clone(),
+        deadline: config.deadline,
+        outbox: service.outbox(),
+    };
+    // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.
+    let grpc_api = OrderServiceServer::new(grpc::OrderGrpc(api.clone()));
+    service
+        .serve_grpc(config.grpc_addr, |router| router.add_service(grpc_api))
+        .await?;
+    service
+        .serve_http(config.http_addr, rest::router(api))
+        .await?;
+
+    service.prepare(&sqlx::migrate!("./migrations")).await?;
+    store::seed_catalog(&service.pool)
+        .await
+        .map_err(StartError::step("seeding the catalog"))?;
+    let loaded = store::load_catalog(&service.pool)
+        .await
+        .map_err(StartError::step("loading the catalog"))?;
+    let _ = catalog.set(loaded);
+    service.ready();
+    service.spawn_consumer(
+        &[topics::PAYMENTS, topics::INVENTORY],
+        consumer::SagaHandler {
             orders_topic: orders_topic.clone(),
-            deadline: config.deadline,
-            outbox: notifier.clone(),
-        };
-
-        // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.
-        let router = router.add_service(OrderServiceServer::new(grpc::OrderGrpc(api.clone())));
-        let grpc_addr = infra
-            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
-            .await?;
-        let (http_listener, http_addr) =
-            common::grpc::bind(config.http_addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "HTTP_ADDR",
-                    source,
-                })?;
-        let http_shutdown = shutdown.clone();
-        supervisor.spawn(async move {
-            let server = axum::serve(http_listener, rest::router(api))
-                .with_graceful_shutdown(http_shutdown.cancelled_owned());
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "REST server failed");
-            }
-            tracing::info!("REST server stopped");
-        });
-
-        infra
-            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
-            .await?;
-        store::seed_catalog(&infra.pool).await?;
-        let _ = catalog.set(store::load_catalog(&infra.pool).await?);
-        infra.ready(&supervisor, starting, &shutdown);
-        infra.spawn_consumer(
-            &supervisor,
-            &[topics::PAYMENTS, topics::INVENTORY],
-            saga::SagaHandler {
-                orders_topic: orders_topic.clone(),
-            },
-            notifier.clone(),
-            &shutdown,
-        )?;
-        supervisor.spawn(saga::sweep_deadlines(
-            infra.pool.clone(),
-            orders_topic,
-            config.sweep_interval,
-            notifier,
-            shutdown.clone(),
-        ));
-        tracing::info!(%grpc_addr, %http_addr, "order service started");
-        Ok(Self {
-            grpc_addr,
-            http_addr,
-            supervisor,
-            shutdown,
-        })
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
-    }
-
-    pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    /// Runs until the shutdown token fires, then stops in order.
-    pub async fn run(self) {
-        self.supervisor.run(self.shutdown).await;
-    }
+        },
+    )?;
+    let sweeper = deadline::sweep_deadlines(
+        service.pool.clone(),
+        orders_topic,
+        config.sweep_interval,
+        service.outbox(),
+        service.shutdown().clone(),
+    );
+    service.spawn("deadline sweeper", sweeper);
+    Ok(service.started())
 }

@@ -7,11 +7,7 @@
 
 use shop_proto::common::Money;
 
-/// A request that cannot be served; the message says why and is safe to show
-/// to the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
+pub use common::error::Invalid;
 
 /// What a customer's account starts with when it is first needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +19,7 @@ pub struct AccountDefaults {
 }
 
 /// A customer's credit as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Credit {
     pub currency: String,
     pub limit: i64,
@@ -120,8 +116,9 @@ pub fn money_text(units: i64, currency: &str) -> String {
     format!("{units} {currency}")
 }
 
-/// Payment status as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Payment status as stored (a TEXT column with a CHECK on these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
     Approved,
     Declined,
@@ -135,15 +132,6 @@ impl Status {
             Status::Approved => "APPROVED",
             Status::Declined => "DECLINED",
             Status::Refunded => "REFUNDED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "APPROVED" => Some(Status::Approved),
-            "DECLINED" => Some(Status::Declined),
-            "REFUNDED" => Some(Status::Refunded),
-            _ => None,
         }
     }
 }
@@ -261,13 +249,5 @@ mod tests {
             let err = validate_limit(limit.as_ref(), "USD").unwrap_err().0;
             assert!(err.contains(expected), "{err:?} should say {expected:?}");
         }
-    }
-
-    #[test]
-    fn status_round_trips() {
-        for s in [Status::Approved, Status::Declined, Status::Refunded] {
-            assert_eq!(Status::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(Status::parse("PENDING"), None);
     }
 }

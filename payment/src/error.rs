@@ -18,16 +18,9 @@ pub enum PaymentError {
 impl From<PaymentError> for Status {
     fn from(e: PaymentError) -> Self {
         match e {
-            PaymentError::Invalid(i) => Status::invalid_argument(i.0),
+            PaymentError::Invalid(i) => i.into(),
             PaymentError::NotFound(_) => Status::not_found(e.to_string()),
-            PaymentError::Db(db) if common::db::is_unavailable(&db) => {
-                tracing::warn!(error = %db, "database unavailable");
-                Status::unavailable("database unavailable; retry later")
-            }
-            PaymentError::Db(db) => {
-                tracing::error!(error = %db, "database error");
-                Status::internal("internal error")
-            }
+            PaymentError::Db(db) => common::error::db_status(&db),
         }
     }
 }

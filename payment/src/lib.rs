@@ -4,24 +4,25 @@
 //! - [`domain`]: whether an order fits a customer's credit, refunds, and
 //!   what a valid credit limit is (pure).
 //! - [`store`]: the payments database (accounts, one payment per order).
-//! - [`saga`]: consumes `orders`; pays or declines each `OrderCreated`,
-//!   refunds on `OrderCancelled`, publishes the results on `payments`
-//!   through the outbox.
+//! - [`consumer`]: consumes `orders`; pays or declines each
+//!   `OrderCreated`, refunds on `OrderCancelled`, publishes the results on
+//!   `payments` through the outbox.
 //! - [`grpc`]: `shop.payment.v1.PaymentService` (payments, accounts, credit
 //!   limits); [`error`] maps failures to status codes.
-//! - [`Application`]: wires it together on the shared plumbing of `common`.
+//! - [`build`]: wires it together on the skeleton of `common::service`.
 
+pub mod consumer;
 pub mod domain;
 pub mod error;
 pub mod grpc;
-pub mod saga;
 pub mod store;
 
 use std::net::SocketAddr;
 
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
-    service::{Infra, StartError, Starting, Supervisor},
+    saga::OrderSideHandler,
+    service::{Service, StartError},
     topics,
 };
 use shop_proto::payment::payment_service_server::{PaymentServiceServer, SERVICE_NAME};
@@ -62,14 +63,14 @@ impl Config {
     /// first order otherwise, and every order would be dead-lettered.
     fn account_defaults(&self) -> Result<AccountDefaults, StartError> {
         if self.default_credit_limit < 0 {
-            return Err(StartError::Other(format!(
+            return Err(StartError::Setting(format!(
                 "DEFAULT_CREDIT_LIMIT_UNITS must not be negative, got {}",
                 self.default_credit_limit
             )));
         }
         let currency = &self.default_currency;
         if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
-            return Err(StartError::Other(format!(
+            return Err(StartError::Setting(format!(
                 "DEFAULT_CURRENCY must be an ISO 4217 code such as USD, got {currency:?}"
             )));
         }
@@ -80,61 +81,38 @@ impl Config {
     }
 }
 
-/// A built, bound, not yet running payment service.
-pub struct Application {
-    grpc_addr: SocketAddr,
-    supervisor: Supervisor,
-    shutdown: CancellationToken,
-}
+/// A started payment service; `run` it.
+pub type Application = common::service::Running;
 
-impl Application {
-    /// Connects, migrates, binds the gRPC port and spawns every task;
-    /// [`Application::run`] waits for shutdown.
-    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let defaults = config.account_defaults()?;
-        let infra = Infra::new(&config.db, config.kafka.clone(), config.pipeline.clone())?;
-        let (supervisor, notifier) = infra.supervisor();
-
-        let (router, reporter) = common::grpc::router(SERVICE_NAME);
-        let starting = Starting::new(reporter, SERVICE_NAME);
-        let router = router.add_service(PaymentServiceServer::with_interceptor(
-            grpc::PaymentGrpc {
-                pool: infra.pool.clone(),
-                defaults: defaults.clone(),
-            },
-            starting.readiness().interceptor(),
-        ));
-        let grpc_addr = infra
-            .serve_grpc(&supervisor, router, &starting, config.grpc_addr, &shutdown)
-            .await?;
-        infra
-            .prepare(&sqlx::migrate!("./migrations"), &shutdown)
-            .await?;
-        infra.ready(&supervisor, starting, &shutdown);
-        infra.spawn_consumer(
-            &supervisor,
-            &[topics::ORDERS],
-            saga::PaymentHandler {
-                payments_topic: config.kafka.topic(topics::PAYMENTS),
-                defaults,
-            },
-            notifier,
-            &shutdown,
-        )?;
-        tracing::info!(%grpc_addr, "payment service started");
-        Ok(Self {
-            grpc_addr,
-            supervisor,
-            shutdown,
-        })
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
-    }
-
-    /// Runs until the shutdown token fires, then stops in order.
-    pub async fn run(self) {
-        self.supervisor.run(self.shutdown).await;
-    }
+/// Opens the gRPC port at once, waits for the database and the broker
+/// (migrations, topics), then opens the API and starts the consumer.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Application, StartError> {
+    let defaults = config.account_defaults()?;
+    let mut service = Service::new(
+        SERVICE_NAME,
+        &config.db,
+        config.kafka.clone(),
+        config.pipeline.clone(),
+        shutdown,
+    )?;
+    let api = PaymentServiceServer::with_interceptor(
+        grpc::PaymentGrpc {
+            pool: service.pool.clone(),
+            defaults: defaults.clone(),
+        },
+        service.readiness().interceptor(),
+    );
+    service
+        .serve_grpc(config.grpc_addr, |router| router.add_service(api))
+        .await?;
+    service.prepare(&sqlx::migrate!("./migrations")).await?;
+    service.ready();
+    service.spawn_consumer(
+        &[topics::ORDERS],
+        OrderSideHandler(consumer::Payments {
+            payments_topic: config.kafka.topic(topics::PAYMENTS),
+            defaults,
+        }),
+    )?;
+    Ok(service.started())
 }

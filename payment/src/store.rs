@@ -48,20 +48,16 @@ async fn account(
     lock: bool,
 ) -> sqlx::Result<Option<Credit>> {
     let sql = if lock {
-        "SELECT currency, credit_limit_units, used_units FROM accounts
-         WHERE customer_id = $1 FOR UPDATE"
+        r#"SELECT currency, credit_limit_units AS "limit", used_units AS used FROM accounts
+           WHERE customer_id = $1 FOR UPDATE"#
     } else {
-        "SELECT currency, credit_limit_units, used_units FROM accounts WHERE customer_id = $1"
+        r#"SELECT currency, credit_limit_units AS "limit", used_units AS used FROM accounts
+           WHERE customer_id = $1"#
     };
-    let row: Option<(String, i64, i64)> = sqlx::query_as(sql)
+    sqlx::query_as(sql)
         .bind(customer_id)
         .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|(currency, limit, used)| Credit {
-        currency,
-        limit,
-        used,
-    }))
+        .await
 }
 
 /// Sets the credit in use (the caller holds the account's lock).
@@ -131,13 +127,13 @@ pub fn account_view(customer_id: &str, credit: &Credit) -> Account {
 }
 
 /// A payment row as the consumer needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PaymentRow {
     pub customer_id: String,
     pub currency: String,
+    #[sqlx(rename = "amount_units")]
     pub amount: i64,
-    /// `None` only if the row holds a status this version does not know.
-    pub status: Option<Status>,
+    pub status: Status,
 }
 
 /// The order's payment, locked until the transaction ends.
@@ -145,21 +141,13 @@ pub async fn lock_payment(
     conn: &mut PgConnection,
     order_id: Uuid,
 ) -> sqlx::Result<Option<PaymentRow>> {
-    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT customer_id, currency, amount_units, status FROM payments
          WHERE order_id = $1 FOR UPDATE",
     )
     .bind(order_id)
     .fetch_optional(conn)
-    .await?;
-    Ok(
-        row.map(|(customer_id, currency, amount, status)| PaymentRow {
-            customer_id,
-            currency,
-            amount,
-            status: Status::parse(&status),
-        }),
-    )
+    .await
 }
 
 /// A payment decision to record.
@@ -184,7 +172,7 @@ pub async fn insert_payment(conn: &mut PgConnection, p: &NewPayment<'_>) -> sqlx
     .bind(p.customer_id)
     .bind(p.currency)
     .bind(p.amount)
-    .bind(p.status.as_str())
+    .bind(p.status)
     .bind(p.reason)
     .execute(conn)
     .await?;
@@ -208,16 +196,18 @@ pub async fn mark_refunded(
     Ok(())
 }
 
-type PaymentRecord = (
-    Uuid,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// A payment row as the API shows it.
+#[derive(sqlx::FromRow)]
+struct PaymentRecord {
+    order_id: Uuid,
+    customer_id: String,
+    currency: String,
+    amount_units: i64,
+    status: Status,
+    reason: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
 
 /// Reads an order's payment as the API shows it.
 pub async fn load_payment(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<Payment>> {
@@ -228,26 +218,23 @@ pub async fn load_payment(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<
     .bind(order_id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(
-        |(order_id, customer_id, currency, amount, status, reason, created, updated)| {
-            let status = match Status::parse(&status) {
-                Some(Status::Approved) => PaymentStatus::Approved,
-                Some(Status::Declined) => PaymentStatus::Declined,
-                Some(Status::Refunded) => PaymentStatus::Refunded,
-                None => PaymentStatus::Unspecified,
-            };
-            Payment {
-                order_id: order_id.to_string(),
-                customer_id,
-                amount: Some(Money {
-                    currency,
-                    units: amount,
-                }),
-                status: status as i32,
-                reason,
-                created_at: Some(to_timestamp(created)),
-                updated_at: Some(to_timestamp(updated)),
-            }
-        },
-    ))
+    Ok(row.map(|p| {
+        let status = match p.status {
+            Status::Approved => PaymentStatus::Approved,
+            Status::Declined => PaymentStatus::Declined,
+            Status::Refunded => PaymentStatus::Refunded,
+        };
+        Payment {
+            order_id: p.order_id.to_string(),
+            customer_id: p.customer_id,
+            amount: Some(Money {
+                currency: p.currency,
+                units: p.amount_units,
+            }),
+            status: status as i32,
+            reason: p.reason,
+            created_at: Some(to_timestamp(p.created_at)),
+            updated_at: Some(to_timestamp(p.updated_at)),
+        }
+    }))
 }

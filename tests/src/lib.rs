@@ -73,6 +73,30 @@ pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
     }
 }
 
+/// A loopback address with a free port, for a service run as a process.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A service binary of this workspace; they sit next to the test binary's
+/// `deps/` folder (`cargo build --bins`, which `deploy/local/test.sh` runs).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (deploy/local/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 fn loopback() -> SocketAddr {
     ([127, 0, 0, 1], 0).into()
 }
@@ -89,7 +113,7 @@ pub struct Pipeline {
     pub payments_db: PgPool,
     pub inventory_db: PgPool,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<Result<(), common::supervisor::TaskFailed>>>,
 }
 
 /// Options a test may change before starting a pipeline.
@@ -159,16 +183,14 @@ impl Pipeline {
         let run_inventory = options.run_inventory;
         let inventory_shutdown = shutdown.clone();
         let (payment, inventory, order) = tokio::join!(
-            payment::Application::build(payment_cfg, shutdown.clone()),
+            payment::build(payment_cfg, shutdown.clone()),
             async move {
                 match run_inventory {
-                    true => {
-                        Some(inventory::Application::build(inventory_cfg, inventory_shutdown).await)
-                    }
+                    true => Some(inventory::build(inventory_cfg, inventory_shutdown).await),
                     false => None,
                 }
             },
-            order::Application::build(order_cfg, shutdown.clone()),
+            order::build(order_cfg, shutdown.clone()),
         );
         let (payment, inventory, order) = (
             payment.expect("payment starts"),
@@ -186,7 +208,7 @@ impl Pipeline {
         };
         let pipeline = Self {
             order_grpc: order.grpc_addr(),
-            order_http: order.http_addr(),
+            order_http: order.http_addr().expect("order serves REST"),
             payment_grpc: payment.grpc_addr(),
             inventory_grpc,
             orders_db: PgPool::connect(&orders_url).await.expect("orders db"),
@@ -321,7 +343,9 @@ impl Pipeline {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         for task in self.tasks.drain(..) {
-            task.await.expect("service task panicked");
+            if let Err(failed) = task.await.expect("service task panicked") {
+                panic!("a service stopped on a failure: {failed}");
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::eventually;
+use e2e::{binary, eventually, free_addr};
 use rand::Rng;
 use shop_proto::order::{
     CreateOrderRequest, GetOrderRequest, OrderStatus, order_service_client::OrderServiceClient,
@@ -91,26 +91,6 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// The service binaries sit next to the test binary's `deps/` folder.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` first (deploy/local/test.sh does)",
-        path.display()
-    );
-    path
 }
 
 fn script(name: &str, action: &str) {

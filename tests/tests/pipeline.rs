@@ -574,9 +574,7 @@ async fn health_is_not_serving_while_the_database_is_down() {
     };
     cfg.kafka = e2e::test_kafka_config(&id, "payment");
     cfg.pipeline = e2e::test_pipeline_config();
-    let app = payment::Application::build(cfg, shutdown.clone())
-        .await
-        .expect("starts");
+    let app = payment::build(cfg, shutdown.clone()).await.expect("starts");
     let addr = app.grpc_addr();
     let running = tokio::spawn(app.run());
     e2e::wait_serving(addr, "").await;
@@ -600,7 +598,8 @@ async fn health_is_not_serving_while_the_database_is_down() {
     tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("graceful shutdown within 30 s")
-        .unwrap();
+        .unwrap()
+        .expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -622,7 +621,7 @@ async fn a_service_started_without_its_database_answers_not_serving_until_it_can
     cfg.kafka = e2e::test_kafka_config(&e2e::unique_id(), "payment");
     cfg.pipeline = e2e::test_pipeline_config();
     // Start-up waits for the database; meanwhile the port answers.
-    let building = tokio::spawn(payment::Application::build(cfg, shutdown.clone()));
+    let building = tokio::spawn(payment::build(cfg, shutdown.clone()));
     eventually(
         "NOT_SERVING from a service still waiting for its database",
         || async { (e2e::health(addr, "").await == Some(e2e::NOT_SERVING)).then_some(()) },
@@ -660,5 +659,5 @@ async fn a_service_started_without_its_database_answers_not_serving_until_it_can
         .expect("API answers");
     assert_eq!(account.into_inner().credit_limit.unwrap().units, 100_000);
     shutdown.cancel();
-    running.await.unwrap();
+    running.await.unwrap().expect("clean shutdown");
 }

@@ -1,7 +1,8 @@
-//! Payment's side of the saga, plugged into `common::consumer`: an
-//! `OrderCreated` is paid from the customer's credit or declined, and an
-//! `OrderCancelled` refunds what was paid. Each result is published on
-//! `payments` through the outbox, in the transaction that decided it.
+//! Payment's side of the saga, plugged into `common::consumer` through
+//! `common::saga`: an `OrderCreated` is paid from the customer's credit or
+//! declined, and an `OrderCancelled` refunds what was paid. Each result is
+//! published on `payments` through the outbox, in the transaction that
+//! decided it.
 //!
 //! Idempotent beyond the consume loop's event-id check: the payments table
 //! holds one row per order, so a second `OrderCreated` for an order (or one
@@ -9,9 +10,9 @@
 //! `OrderCancelled` finds the payment already refunded.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, parse_id},
+    consumer::HandlerError,
     outbox::{self, OutboxEvent},
-    saga::{CANCELLED_BEFORE_PAYMENT, OrderEvent},
+    saga::{CANCELLED_BEFORE_PAYMENT, OrderSide},
 };
 use shop_proto::{common::Money, events};
 use sqlx::PgConnection;
@@ -25,54 +26,25 @@ use crate::{
 /// Refund reason when the cancellation gave none.
 const DEFAULT_CANCEL_REASON: &str = "order cancelled";
 
-/// Plugs payment into `common::consumer`.
-pub struct PaymentHandler {
+/// Payment's side of the saga.
+pub struct Payments {
     /// Full name of the `payments` topic, where results are published.
     pub payments_topic: String,
     /// What a customer's account starts with on their first order.
     pub defaults: AccountDefaults,
 }
 
-impl EventHandler for PaymentHandler {
-    type Event = OrderEvent;
-
-    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<OrderEvent>, DecodeError> {
-        OrderEvent::decode(event_type, payload)
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        _meta: &EventMeta,
-        event: OrderEvent,
-    ) -> Result<(), HandlerError> {
-        match event {
-            OrderEvent::Created(e) => self.pay(conn, e).await,
-            OrderEvent::Cancelled(e) => self.refund(conn, e).await,
-        }
-    }
-}
-
-fn require_customer<'a>(customer_id: &'a str, order_id: &str) -> Result<&'a str, HandlerError> {
-    if customer_id.is_empty() {
-        return Err(HandlerError::Permanent(format!(
-            "order {order_id} has no customer_id"
-        )));
-    }
-    Ok(customer_id)
-}
-
-impl PaymentHandler {
+impl OrderSide for Payments {
     /// Decides the order's payment under the account's lock, records it,
     /// and publishes `PaymentCompleted`; does nothing if the order already
     /// has a payment row.
-    async fn pay(
+    async fn created(
         &self,
         conn: &mut PgConnection,
+        order_id: Uuid,
         e: events::OrderCreated,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_id("order id", &e.order_id)?;
-        let customer_id = require_customer(&e.customer_id, &e.order_id)?;
+        let customer_id = e.customer_id.as_str();
         let total = e
             .total
             .as_ref()
@@ -143,49 +115,20 @@ impl PaymentHandler {
         Ok(())
     }
 
-    /// Refunds an approved payment and publishes `PaymentRefunded`. A
-    /// cancellation that arrives before its order leaves a DECLINED row so
-    /// that the order, when it comes, is not charged.
-    async fn refund(
+    /// Refunds an approved payment, restoring the credit, and publishes
+    /// `PaymentRefunded`. Declined and refunded payments change nothing.
+    async fn compensate(
         &self,
         conn: &mut PgConnection,
-        e: events::OrderCancelled,
-    ) -> Result<(), HandlerError> {
-        let order_id = parse_id("order id", &e.order_id)?;
-        let payment = match store::lock_payment(conn, order_id).await? {
-            Some(payment) => payment,
-            None => {
-                let customer_id = require_customer(&e.customer_id, &e.order_id)?;
-                let inserted = store::insert_payment(
-                    conn,
-                    &NewPayment {
-                        order_id,
-                        customer_id,
-                        currency: &self.defaults.currency,
-                        amount: 0,
-                        status: Status::Declined,
-                        reason: CANCELLED_BEFORE_PAYMENT,
-                    },
-                )
-                .await?;
-                if inserted {
-                    tracing::info!(%order_id, "order cancelled before payment; it will not be charged");
-                    return Ok(());
-                }
-                // The order's payment committed meanwhile: refund it.
-                store::lock_payment(conn, order_id)
-                    .await?
-                    .ok_or(sqlx::Error::RowNotFound)?
-            }
+        order_id: Uuid,
+        e: &events::OrderCancelled,
+    ) -> Result<bool, HandlerError> {
+        let Some(payment) = store::lock_payment(conn, order_id).await? else {
+            return Ok(false);
         };
         match payment.status {
-            Some(Status::Approved) => {}
-            Some(Status::Declined | Status::Refunded) => return Ok(()),
-            None => {
-                return Err(HandlerError::Permanent(format!(
-                    "payment of order {order_id} has an unknown status"
-                )));
-            }
+            Status::Approved => {}
+            Status::Declined | Status::Refunded => return Ok(true),
         }
 
         let customer_id = payment.customer_id.as_str();
@@ -226,6 +169,27 @@ impl PaymentHandler {
         };
         let out = OutboxEvent::new(self.payments_topic.clone(), customer_id, event_id, &event);
         outbox::enqueue(conn, &[out]).await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// A DECLINED row for nothing: the late `OrderCreated` is not charged.
+    async fn mark_cancelled_first(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        customer_id: &str,
+    ) -> sqlx::Result<bool> {
+        store::insert_payment(
+            conn,
+            &NewPayment {
+                order_id,
+                customer_id,
+                currency: &self.defaults.currency,
+                amount: 0,
+                status: Status::Declined,
+                reason: CANCELLED_BEFORE_PAYMENT,
+            },
+        )
+        .await
     }
 }

@@ -1,4 +1,5 @@
-//! Inventory's side of the saga: `OrderCreated` reserves an order's stock
+//! Inventory's side of the saga, plugged into `common::consumer` through
+//! `common::saga`: `OrderCreated` reserves an order's stock
 //! (all lines or none) and `OrderCancelled` gives a reservation back. Both
 //! run in the consume loop's transaction and publish their result on the
 //! `inventory` topic through the outbox.
@@ -14,9 +15,9 @@
 //! (available >= 0)` constraint backs that up.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, parse_id},
+    consumer::HandlerError,
     outbox::{self, OutboxEvent},
-    saga::{CANCELLED_BEFORE_RESERVATION, OrderEvent},
+    saga::{CANCELLED_BEFORE_RESERVATION, OrderSide},
 };
 use shop_proto::{EventName, events};
 use sqlx::PgConnection;
@@ -27,30 +28,10 @@ use crate::{
     store::{self, NewReservation},
 };
 
-/// Plugs reservations into `common::consumer`.
-pub struct ReservationHandler {
+/// Inventory's side of the saga.
+pub struct Reservations {
     /// Full name of the `inventory` topic, where results are published.
     pub inventory_topic: String,
-}
-
-impl EventHandler for ReservationHandler {
-    type Event = OrderEvent;
-
-    fn decode(&self, event_type: &str, payload: &[u8]) -> Result<Option<OrderEvent>, DecodeError> {
-        OrderEvent::decode(event_type, payload)
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        _meta: &EventMeta,
-        event: OrderEvent,
-    ) -> Result<(), HandlerError> {
-        match event {
-            OrderEvent::Created(e) => self.reserve(conn, e).await,
-            OrderEvent::Cancelled(e) => self.release(conn, e).await,
-        }
-    }
 }
 
 fn stock_lines(lines: &[Line]) -> Vec<events::StockLine> {
@@ -63,16 +44,16 @@ fn stock_lines(lines: &[Line]) -> Vec<events::StockLine> {
         .collect()
 }
 
-impl ReservationHandler {
+impl OrderSide for Reservations {
     /// Reserves every line of a new order, or rejects it with the reason,
     /// and publishes `InventoryUpdated` either way. An order that already
     /// has a reservation (or was cancelled first) changes nothing.
-    async fn reserve(
+    async fn created(
         &self,
         conn: &mut PgConnection,
+        order_id: Uuid,
         e: events::OrderCreated,
     ) -> Result<(), HandlerError> {
-        let order_id = parse_id("order id", &e.order_id)?;
         let lines =
             domain::merge_lines(e.items.iter().map(|l| (l.product_id.as_str(), l.quantity)))
                 .map_err(|invalid| {
@@ -109,7 +90,7 @@ impl ReservationHandler {
         let outcome = match decision {
             Decision::Reserve => {
                 let changed = store::take_stock(conn, &lines).await?;
-                if changed != lines.len() as u64 {
+                if usize::try_from(changed) != Ok(lines.len()) {
                     // Cannot happen: every row was locked and found above.
                     return Err(HandlerError::Permanent(format!(
                         "order {order_id}: reserved {changed} of {} stock rows",
@@ -137,56 +118,26 @@ impl ReservationHandler {
     }
 
     /// Gives a RESERVED order's stock back and publishes
-    /// `InventoryReleased`. REJECTED and RELEASED orders change nothing; an
-    /// order not seen yet is recorded as REJECTED so that its late
-    /// `OrderCreated` reserves nothing.
-    async fn release(
+    /// `InventoryReleased`. REJECTED and RELEASED orders change nothing.
+    async fn compensate(
         &self,
         conn: &mut PgConnection,
-        e: events::OrderCancelled,
-    ) -> Result<(), HandlerError> {
-        let order_id = parse_id("order id", &e.order_id)?;
-        let (customer_id, status) = match store::lock_reservation(conn, order_id).await? {
-            Some(row) => row,
-            None => {
-                let inserted = store::insert_reservation(
-                    conn,
-                    NewReservation {
-                        order_id,
-                        customer_id: &e.customer_id,
-                        status: Status::Rejected,
-                        reason: CANCELLED_BEFORE_RESERVATION,
-                        lines: &[],
-                    },
-                )
-                .await?;
-                if inserted {
-                    tracing::info!(%order_id, "order cancelled before its reservation");
-                    return Ok(());
-                }
-                // Its OrderCreated committed meanwhile: release what it did.
-                store::lock_reservation(conn, order_id)
-                    .await?
-                    .ok_or_else(|| {
-                        HandlerError::Permanent(format!("reservation of order {order_id} vanished"))
-                    })?
-            }
+        order_id: Uuid,
+        e: &events::OrderCancelled,
+    ) -> Result<bool, HandlerError> {
+        let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
+            return Ok(false);
         };
-        match status {
-            Some(Status::Reserved) => {}
-            Some(Status::Rejected | Status::Released) => return Ok(()),
-            None => {
-                return Err(HandlerError::Permanent(format!(
-                    "reservation of order {order_id} has an unknown status"
-                )));
-            }
+        match reservation.status {
+            Status::Reserved => {}
+            Status::Rejected | Status::Released => return Ok(true),
         }
         let lines = store::reservation_items(conn, order_id).await?;
         let product_ids: Vec<&str> = lines.iter().map(|l| l.product_id.as_str()).collect();
         // Same lock order as reserving, so the two never deadlock.
         store::lock_stock(conn, &product_ids).await?;
         let changed = store::give_back_stock(conn, &lines).await?;
-        if changed != lines.len() as u64 {
+        if usize::try_from(changed) != Ok(lines.len()) {
             return Err(HandlerError::Permanent(format!(
                 "order {order_id}: released {changed} of {} stock rows",
                 lines.len()
@@ -198,13 +149,38 @@ impl ReservationHandler {
             event_id: event_id.to_string(),
             occurred_at: Some(common::time::now()),
             order_id: e.order_id.clone(),
-            customer_id: customer_id.clone(),
+            customer_id: reservation.customer_id.clone(),
             items: stock_lines(&lines),
             reason: e.reason.clone(),
         };
-        self.publish(conn, &customer_id, event_id, &event).await
+        self.publish(conn, &reservation.customer_id, event_id, &event)
+            .await?;
+        Ok(true)
     }
 
+    /// A REJECTED reservation of nothing: the late `OrderCreated` reserves
+    /// nothing.
+    async fn mark_cancelled_first(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        customer_id: &str,
+    ) -> sqlx::Result<bool> {
+        store::insert_reservation(
+            conn,
+            NewReservation {
+                order_id,
+                customer_id,
+                status: Status::Rejected,
+                reason: CANCELLED_BEFORE_RESERVATION,
+                lines: &[],
+            },
+        )
+        .await
+    }
+}
+
+impl Reservations {
     /// Enqueues `message` on the `inventory` topic, keyed by customer.
     async fn publish<M: prost::Message + EventName>(
         &self,

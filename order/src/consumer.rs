@@ -1,17 +1,15 @@
-//! The order's side of the saga: results from payment and inventory decide
-//! its status, and the deadline sweeper cancels orders whose results never
-//! came. Cancelling publishes `OrderCancelled`, on which payment refunds and
-//! inventory releases whatever they did for the order.
-
-use std::time::Duration;
+//! The order's side of the saga, plugged into `common::consumer`: results
+//! from payment and inventory decide its status. Cancelling publishes
+//! `OrderCancelled`, on which payment refunds and inventory releases
+//! whatever they did for the order; [`crate::deadline`] cancels the orders
+//! whose results never came.
 
 use common::{
     consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id},
     outbox::{self, OutboxEvent},
 };
 use shop_proto::{EventName, events};
-use sqlx::{PgConnection, PgPool};
-use tokio_util::sync::CancellationToken;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::{Decision, Outcome, decide};
@@ -226,7 +224,7 @@ async fn mark_compensated(
 }
 
 /// Cancels orders and enqueues their `OrderCancelled` events.
-async fn cancel(
+pub(crate) async fn cancel(
     conn: &mut PgConnection,
     orders_topic: &str,
     orders: &[(Uuid, String, String)],
@@ -261,62 +259,4 @@ async fn cancel(
         })
         .collect();
     outbox::enqueue(conn, &events).await
-}
-
-/// Cancels PENDING orders past their deadline, in batches, until `shutdown`.
-pub async fn sweep_deadlines(
-    pool: PgPool,
-    orders_topic: String,
-    interval: Duration,
-    notifier: outbox::Notifier,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match sweep_once(&pool, &orders_topic).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::warn!(orders = n, "cancelled orders past their deadline");
-                notifier.notify();
-                continue; // there may be more
-            }
-            Err(e) => tracing::warn!(error = %e, "deadline sweep failed"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// One batch of expired orders; returns how many were cancelled.
-pub async fn sweep_once(pool: &PgPool, orders_topic: &str) -> sqlx::Result<usize> {
-    let mut tx = pool.begin().await?;
-    let expired: Vec<(Uuid, String, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT order_id, customer_id, payment_status, inventory_status FROM orders
-         WHERE status = 'PENDING' AND deadline_at < now()
-         ORDER BY deadline_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    if expired.is_empty() {
-        return Ok(0);
-    }
-    let orders: Vec<(Uuid, String, String)> = expired
-        .into_iter()
-        .map(|(id, customer, pay, inv)| {
-            let missing: Vec<&str> = [("payment", pay), ("inventory", inv)]
-                .into_iter()
-                .filter(|(_, s)| s.is_none())
-                .map(|(name, _)| name)
-                .collect();
-            (
-                id,
-                customer,
-                format!("timed out waiting for {}", missing.join(" and ")),
-            )
-        })
-        .collect();
-    cancel(&mut tx, orders_topic, &orders).await?;
-    tx.commit().await?;
-    Ok(orders.len())
 }
