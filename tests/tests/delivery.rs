@@ -2,20 +2,23 @@
 //! idempotency keys, redelivered events, records that cannot be applied,
 //! dead-letter replay, and the saga deadline with compensation.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
+use common::config::KafkaConfig;
 use e2e::{Options, Pipeline, eventually};
 use prost::Message as _;
 use rdkafka::{
     Message,
     message::{Header, OwnedHeaders},
-    producer::FutureRecord,
+    producer::{FutureProducer, FutureRecord},
 };
 use shop_proto::{
     EventName, events,
     order::{CreateOrderRequest, OrderStatus},
     payment::GetAccountRequest,
 };
+use shopctl::invariants::{PerService, Sources};
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 fn order(customer: &str, product: &str, quantity: i32, key: &str) -> CreateOrderRequest {
@@ -496,4 +499,439 @@ async fn invariant_checker_passes_a_clean_run_and_catches_tampering() {
     assert!(text.contains("charged"), "{text}");
     assert!(text.contains("order: 1 events never applied"), "{text}");
     p.stop().await;
+}
+
+// --- the checker's view of what the state implies -------------------------
+
+/// A run the checker tests tamper with: one order confirmed, one cancelled
+/// for want of stock (payment approved, then refunded), one cancelled over
+/// the credit limit (stock reserved, then released). The pipeline is
+/// stopped once the checker passes, so no relay or consumer repairs the
+/// damage; the databases and topics stay for the checker to read.
+struct SettledRun {
+    sources: Sources,
+    confirmed: String,
+    refunded: String,
+    released: String,
+}
+
+async fn settled_run() -> SettledRun {
+    let p = Pipeline::start().await;
+    let confirmed = p.create(order("CUST-K1", "PROD001", 2, "")).await.order_id;
+    // PROD020 has 3 units; PROD010 three times is over a new customer's limit.
+    let refunded = p.create(order("CUST-K2", "PROD020", 5, "")).await.order_id;
+    let released = p.create(order("CUST-K3", "PROD010", 3, "")).await.order_id;
+    for id in [&confirmed, &refunded, &released] {
+        p.final_order(id).await;
+    }
+    p.refunded_payment(&refunded).await;
+    let sources = p.invariant_sources();
+    eventually("the invariants to hold", || async {
+        let report = shopctl::invariants::check(&sources).await.ok()?;
+        report.ok().then_some(())
+    })
+    .await;
+    p.stop().await;
+    let report = shopctl::invariants::check(&sources).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.violations);
+    let reservation: String =
+        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1::uuid")
+            .bind(&released)
+            .fetch_one(&sources.inventory)
+            .await
+            .unwrap();
+    assert_eq!(reservation, "RELEASED");
+    SettledRun {
+        sources,
+        confirmed,
+        refunded,
+        released,
+    }
+}
+
+/// Checks `sources` and returns its one violation, failing if there are
+/// none or several: each tampering must be caught, and by the invariant
+/// it breaks.
+async fn one_violation(sources: &Sources) -> (String, shopctl::invariants::Figures) {
+    let report = shopctl::invariants::check(sources).await.unwrap();
+    assert_eq!(report.violations.len(), 1, "{:#?}", report.violations);
+    (report.violations[0].clone(), report.figures)
+}
+
+async fn assert_clean(sources: &Sources) {
+    let report = shopctl::invariants::check(sources).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_finds_outbox_rows_that_never_reached_a_topic() {
+    let run = settled_run().await;
+    let src = &run.sources;
+
+    // An event written with its state change that the relay never sent.
+    let stuck = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, event_type, event_id, payload)
+         VALUES ($1, 'CUST-K2', $2, $3, ''::bytea)",
+    )
+    .bind(src.kafka.topic("payments"))
+    .bind(events::PaymentRefunded::EVENT_TYPE)
+    .bind(stuck)
+    .execute(&src.payments)
+    .await
+    .unwrap();
+    let (violation, figures) = one_violation(src).await;
+    assert!(
+        violation.contains("payment outbox rows never published")
+            && violation.contains(&stuck.to_string()),
+        "{violation}"
+    );
+    assert_eq!(
+        figures.unpublished_outbox_rows,
+        PerService {
+            order: 0,
+            payment: 1,
+            inventory: 0
+        }
+    );
+    sqlx::query("DELETE FROM outbox WHERE event_id = $1")
+        .bind(stuck)
+        .execute(&src.payments)
+        .await
+        .unwrap();
+    assert_clean(src).await;
+
+    // A row marked published whose record never reached the topic.
+    let lost = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, event_type, event_id, payload, published_at)
+         VALUES ($1, 'CUST-K1', $2, $3, ''::bytea, now())",
+    )
+    .bind(src.kafka.topic("orders"))
+    .bind(events::OrderConfirmed::EVENT_TYPE)
+    .bind(lost)
+    .execute(&src.orders)
+    .await
+    .unwrap();
+    let (violation, figures) = one_violation(src).await;
+    assert!(
+        violation.contains("order outbox rows marked published whose event is not on the topics")
+            && violation.contains(&lost.to_string()),
+        "{violation}"
+    );
+    assert_eq!(figures.published_outbox_rows_not_on_topics, 1);
+    assert_eq!(figures.unpublished_outbox_rows, PerService::default());
+    sqlx::query("DELETE FROM outbox WHERE event_id = $1")
+        .bind(lost)
+        .execute(&src.orders)
+        .await
+        .unwrap();
+    assert_clean(src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_finds_events_the_state_implies_missing_from_the_topics() {
+    let run = settled_run().await;
+    let src = &run.sources;
+    let dbs = [&src.orders, &src.payments, &src.inventory];
+    for db in dbs {
+        sqlx::raw_sql(
+            "CREATE TABLE kept_outbox (LIKE outbox);
+             CREATE TABLE kept_processed_events (LIKE processed_events);",
+        )
+        .execute(db)
+        .await
+        .unwrap();
+    }
+    // Each event is lost as completely as it can be: not on its topic, its
+    // outbox row gone (as if pruned) and applied by no consumer. Then only
+    // the state that implies it is left to show it is missing.
+    for (topic, event_type, order_id, expected) in [
+        (
+            "payments",
+            events::PaymentRefunded::EVENT_TYPE,
+            &run.refunded,
+            "REFUNDED payments without PaymentRefunded",
+        ),
+        (
+            "inventory",
+            events::InventoryReleased::EVENT_TYPE,
+            &run.released,
+            "RELEASED reservations without InventoryReleased",
+        ),
+        (
+            "orders",
+            events::OrderConfirmed::EVENT_TYPE,
+            &run.confirmed,
+            "CONFIRMED orders without OrderConfirmed",
+        ),
+        (
+            "orders",
+            events::OrderCancelled::EVENT_TYPE,
+            &run.refunded,
+            "CANCELLED orders without OrderCancelled",
+        ),
+        (
+            "orders",
+            events::OrderCreated::EVENT_TYPE,
+            &run.released,
+            "orders without OrderCreated",
+        ),
+        (
+            "payments",
+            events::PaymentCompleted::EVENT_TYPE,
+            &run.confirmed,
+            "APPROVED payments without PaymentCompleted (approved)",
+        ),
+        (
+            "inventory",
+            events::InventoryUpdated::EVENT_TYPE,
+            &run.confirmed,
+            "RESERVED reservations without InventoryUpdated (reserved)",
+        ),
+    ] {
+        let lost = event_about(&src.kafka, topic, event_type, order_id);
+        for db in dbs {
+            sqlx::query(
+                "WITH gone AS (DELETE FROM outbox WHERE event_id = $1 RETURNING *)
+                 INSERT INTO kept_outbox SELECT * FROM gone",
+            )
+            .bind(lost)
+            .execute(db)
+            .await
+            .unwrap();
+            sqlx::query(
+                "WITH gone AS (DELETE FROM processed_events WHERE event_id = $1 RETURNING *)
+                 INSERT INTO kept_processed_events SELECT * FROM gone",
+            )
+            .bind(lost)
+            .execute(db)
+            .await
+            .unwrap();
+        }
+        let tampered = Sources {
+            orders: src.orders.clone(),
+            payments: src.payments.clone(),
+            inventory: src.inventory.clone(),
+            kafka: tampered_topics(&src.kafka, Tamper::Drop(lost)).await,
+        };
+        let (violation, figures) = one_violation(&tampered).await;
+        assert!(
+            violation.contains(expected) && violation.contains(order_id.as_str()),
+            "{event_type} lost: {violation}"
+        );
+        assert_eq!(figures.missing_events, 1);
+        for db in dbs {
+            sqlx::raw_sql(
+                "WITH back AS (DELETE FROM kept_outbox RETURNING *)
+                 INSERT INTO outbox SELECT * FROM back;
+                 WITH back AS (DELETE FROM kept_processed_events RETURNING *)
+                 INSERT INTO processed_events SELECT * FROM back;",
+            )
+            .execute(db)
+            .await
+            .unwrap();
+        }
+    }
+    // Everything put back, the original run checks clean.
+    assert_clean(src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_finds_order_statuses_the_other_sides_contradict() {
+    let run = settled_run().await;
+    let src = &run.sources;
+
+    // Order never heard of the refund, or of the release.
+    for (update, order_id, expected, restore) in [
+        (
+            "UPDATE orders SET payment_status = 'APPROVED' WHERE order_id = $1::uuid",
+            &run.refunded,
+            "recorded APPROVED but payment is REFUNDED",
+            "UPDATE orders SET payment_status = 'REFUNDED' WHERE order_id = $1::uuid",
+        ),
+        (
+            "UPDATE orders SET inventory_status = 'RESERVED' WHERE order_id = $1::uuid",
+            &run.released,
+            "recorded RESERVED but inventory is RELEASED",
+            "UPDATE orders SET inventory_status = 'RELEASED' WHERE order_id = $1::uuid",
+        ),
+    ] {
+        sqlx::query(update)
+            .bind(order_id)
+            .execute(&src.orders)
+            .await
+            .unwrap();
+        let (violation, figures) = one_violation(src).await;
+        assert!(
+            violation.contains(expected) && violation.contains(order_id.as_str()),
+            "{violation}"
+        );
+        assert_eq!(figures.status_disagreements, 1);
+        sqlx::query(restore)
+            .bind(order_id)
+            .execute(&src.orders)
+            .await
+            .unwrap();
+        assert_clean(src).await;
+    }
+
+    // Payment lost its decision on an order (the declined one: no money
+    // moved, so only the missing row shows).
+    sqlx::raw_sql("CREATE TABLE kept_payments (LIKE payments)")
+        .execute(&src.payments)
+        .await
+        .unwrap();
+    sqlx::query(
+        "WITH gone AS (DELETE FROM payments WHERE order_id = $1::uuid RETURNING *)
+         INSERT INTO kept_payments SELECT * FROM gone",
+    )
+    .bind(&run.released)
+    .execute(&src.payments)
+    .await
+    .unwrap();
+    let (violation, _) = one_violation(src).await;
+    assert!(
+        violation.contains("decided orders payment never decided")
+            && violation.contains(run.released.as_str()),
+        "{violation}"
+    );
+    sqlx::raw_sql("INSERT INTO payments SELECT * FROM kept_payments")
+        .execute(&src.payments)
+        .await
+        .unwrap();
+    assert_clean(src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_finds_an_order_decided_twice() {
+    let run = settled_run().await;
+    let src = &run.sources;
+    // A second OrderConfirmed (its own event id) for the confirmed order,
+    // then one for the cancelled order. No consumer acts on OrderConfirmed,
+    // so only the events themselves can show it.
+    for (order_id, expected) in [
+        (&run.confirmed, "orders with more than one OrderConfirmed"),
+        (
+            &run.refunded,
+            "orders with both OrderConfirmed and OrderCancelled",
+        ),
+    ] {
+        let event = events::OrderConfirmed {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            occurred_at: None,
+            order_id: order_id.clone(),
+            customer_id: "CUST-K1".into(),
+        };
+        let tampered = Sources {
+            orders: src.orders.clone(),
+            payments: src.payments.clone(),
+            inventory: src.inventory.clone(),
+            kafka: tampered_topics(&src.kafka, Tamper::Confirm(event)).await,
+        };
+        let (violation, _) = one_violation(&tampered).await;
+        assert!(
+            violation.contains(expected) && violation.contains(order_id.as_str()),
+            "{violation}"
+        );
+    }
+}
+
+/// The event id of the one record of `event_type` about `order_id` on a
+/// topic of the run.
+fn event_about(kafka: &KafkaConfig, topic: &str, event_type: &str, order_id: &str) -> uuid::Uuid {
+    let ids: HashSet<uuid::Uuid> = shopctl::topic::read_all(kafka, &kafka.topic(topic))
+        .unwrap()
+        .iter()
+        .filter(|m| header(m, "event-type") == Some(event_type))
+        // Every event starts with event_id, occurred_at, order_id and
+        // customer_id (fields 1 to 4), so each decodes as OrderConfirmed
+        // far enough to tell its order.
+        .filter(|m| {
+            events::OrderConfirmed::decode(m.payload().unwrap_or_default())
+                .is_ok_and(|e| e.order_id == order_id)
+        })
+        .filter_map(|m| header(m, "event-id")?.parse().ok())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "{event_type} of {order_id} on {topic}: {ids:?}"
+    );
+    ids.into_iter().next().unwrap()
+}
+
+fn header<'a>(m: &'a rdkafka::message::OwnedMessage, key: &str) -> Option<&'a str> {
+    m.headers().and_then(|h| common::kafka::header_str(h, key))
+}
+
+/// What [`tampered_topics`] does to the copy.
+enum Tamper {
+    /// Leaves out the records of this event id.
+    Drop(uuid::Uuid),
+    /// Adds this `OrderConfirmed` to `orders`.
+    Confirm(events::OrderConfirmed),
+}
+
+/// Copies the run's topics to topics under a new prefix, changed by
+/// `tamper`, and returns the settings that read the copies: the topics as
+/// they would be had the event never been published, or been published
+/// too.
+async fn tampered_topics(kafka: &KafkaConfig, tamper: Tamper) -> KafkaConfig {
+    let copy = KafkaConfig {
+        topic_prefix: format!("{}copy{}.", kafka.topic_prefix, e2e::unique_id()),
+        ..kafka.clone()
+    };
+    common::kafka::ensure_topics(&copy, &common::topics::ALL, &CancellationToken::new())
+        .await
+        .unwrap();
+    let producer = common::kafka::producer(&copy).unwrap();
+    let lost = match &tamper {
+        Tamper::Drop(id) => Some(id.to_string()),
+        Tamper::Confirm(_) => None,
+    };
+    for name in common::topics::ALL {
+        let to = copy.topic(name);
+        for m in shopctl::topic::read_all(kafka, &kafka.topic(name)).unwrap() {
+            if lost.is_some() && header(&m, "event-id") == lost.as_deref() {
+                continue;
+            }
+            let mut record = FutureRecord::<[u8], [u8]>::to(&to).partition(m.partition());
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = m.payload() {
+                record = record.payload(payload);
+            }
+            if let Some(headers) = m.headers() {
+                record = record.headers(headers.clone());
+            }
+            send(&producer, record).await;
+        }
+    }
+    if let Tamper::Confirm(event) = tamper {
+        let to = copy.topic("orders");
+        let id: uuid::Uuid = event.event_id.parse().unwrap();
+        let payload = event.encode_to_vec();
+        send(
+            &producer,
+            FutureRecord::to(&to)
+                .key(event.customer_id.as_bytes())
+                .payload(payload.as_slice())
+                .headers(common::kafka::event_headers(
+                    events::OrderConfirmed::EVENT_TYPE,
+                    &id,
+                )),
+        )
+        .await;
+    }
+    copy
+}
+
+async fn send(producer: &FutureProducer, record: FutureRecord<'_, [u8], [u8]>) {
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
 }

@@ -325,7 +325,8 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         ("payment-a", PgPool::connect_lazy(&payments_url).unwrap()),
         ("inventory", PgPool::connect_lazy(&inventory_url).unwrap()),
     ]);
-    let mut left_pending = 0;
+    // Event ids of the outbox rows each killed relay left unpublished.
+    let mut left_pending: Vec<uuid::Uuid> = Vec::new();
     let started = Instant::now();
     let mut faults: Vec<(String, Duration)> = Vec::new();
     for round in 1..=rounds {
@@ -345,15 +346,16 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
                     let service = services.get_mut(name).unwrap();
                     service.kill9();
                     // What the dead relay left unpublished: the restarted one
-                    // must publish it (and consumers drop what it repeats).
+                    // must publish it (and consumers drop what it repeats),
+                    // checked against the topics once the pipeline settles.
                     let db = &outbox_dbs[name];
-                    let pending: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    let pending: Vec<uuid::Uuid> = sqlx::query_scalar(
+                        "SELECT event_id FROM outbox WHERE published_at IS NULL",
                     )
-                    .fetch_one(db)
+                    .fetch_all(db)
                     .await
                     .unwrap();
-                    left_pending += pending;
+                    left_pending.extend(pending);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     services.get_mut(name).unwrap().start();
                 }
@@ -453,6 +455,24 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         last = Some(report);
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    let settled_in = settle.elapsed();
+
+    // Every row a killed relay left pending reached its topic since (the
+    // checker sees only the rows still in the outboxes; these may have
+    // been pruned).
+    let on_topics = shopctl::invariants::published_event_ids(&sources.kafka)
+        .await
+        .expect("read the topics");
+    let never_published: Vec<_> = left_pending
+        .iter()
+        .filter(|id| !on_topics.contains(id))
+        .collect();
+    assert!(
+        never_published.is_empty(),
+        "{} of the {} outbox rows killed relays left pending are not on the topics: {never_published:?}",
+        never_published.len(),
+        left_pending.len()
+    );
 
     let accepted_ids: Vec<uuid::Uuid> = figures
         .accepted
@@ -493,7 +513,7 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     writeln!(
         out,
         "   orders {} (accepted by the load client {accepted}, the rest are probes; client retries {}): confirmed {}, cancelled {}\n   \
-         outbox rows a killed relay left pending {left_pending}, duplicate records on topics {}, \
+         outbox rows a killed relay left pending {} (all published since), duplicate records on topics {}, \
          duplicates suppressed by consumers {}, dead letters {}\n   \
          charged {} = confirmed totals {}; refunds {}; releases {}; max recovery {max_recovery:.1?}; settled in {:.1?}\n   \
          invariants: OK",
@@ -501,6 +521,7 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         figures.retries.load(Ordering::Relaxed),
         f.confirmed,
         f.cancelled,
+        left_pending.len(),
         f.duplicate_records,
         f.duplicates_suppressed,
         f.dead_letters,
@@ -508,7 +529,7 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         f.confirmed_total_units,
         f.refunded_payments,
         f.released_reservations,
-        settle.elapsed(),
+        settled_in,
     )
     .unwrap();
     drop(out);
