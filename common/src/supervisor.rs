@@ -13,7 +13,7 @@
 //! in-flight work commits; only then are the last tasks (the outbox relay)
 //! told to stop, so that they publish what the front tasks wrote.
 
-use std::{collections::HashMap, future::Future};
+use std::{collections::HashMap, future::Future, pin::Pin};
 
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -33,10 +33,16 @@ pub struct TaskFailed {
 /// asked to, `Err` when it cannot go on.
 pub type TaskResult = anyhow::Result<()>;
 
+/// A last task, started by [`Supervisor::run`].
+type LastTask = Box<
+    dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync,
+>;
+
 /// See the module docs.
 pub struct Supervisor {
     front: JoinSet<TaskResult>,
     last: JoinSet<TaskResult>,
+    pending_last: Vec<(&'static str, LastTask)>,
     last_stop: CancellationToken,
     names: HashMap<Id, &'static str>,
     health: Option<(HealthReporter, Vec<String>)>,
@@ -53,6 +59,7 @@ impl Supervisor {
         Self {
             front: JoinSet::new(),
             last: JoinSet::new(),
+            pending_last: Vec::new(),
             last_stop: CancellationToken::new(),
             names: HashMap::new(),
             health: None,
@@ -74,41 +81,53 @@ impl Supervisor {
         self.names.insert(handle.id(), name);
     }
 
-    /// Runs a task that is stopped (through the token it is given) only
-    /// after every front task has finished.
+    /// Registers a task that starts when [`Supervisor::run`] does (once
+    /// start-up is complete: the outbox relay needs the migrated tables)
+    /// and is stopped, through the token it is given, only after every
+    /// front task has finished.
     pub fn spawn_last<F, Fut>(&mut self, name: &'static str, task: F)
     where
-        F: FnOnce(CancellationToken) -> Fut,
+        F: FnOnce(CancellationToken) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = TaskResult> + Send + 'static,
     {
-        let handle = self.last.spawn(task(self.last_stop.clone()));
-        self.names.insert(handle.id(), name);
+        self.pending_last
+            .push((name, Box::new(move |stop| Box::pin(task(stop)))));
     }
 
     /// Runs until `shutdown` fires or a task ends early (see module docs);
     /// returns once every task has stopped.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), TaskFailed> {
+        for (name, task) in std::mem::take(&mut self.pending_last) {
+            let handle = self.last.spawn(task(self.last_stop.clone()));
+            self.names.insert(handle.id(), name);
+        }
         let early = tokio::select! {
+            biased;
             () = shutdown.cancelled() => None,
             Some(done) = self.front.join_next_with_id() => Some(done),
             Some(done) = self.last.join_next_with_id() => Some(done),
         };
         let mut failure = None;
         if let Some(done) = early {
-            let failed = match self.outcome(done) {
-                Ok(task) => TaskFailed {
-                    task,
-                    how: "returned before shutdown".to_owned(),
-                },
-                Err(failed) => failed,
-            };
-            tracing::error!(task = failed.task, reason = %failed.how,
+            if shutdown.is_cancelled() {
+                // It stopped because shutdown began meanwhile: not early.
+                self.note(done, &mut failure);
+            } else {
+                let failed = match self.outcome(done) {
+                    Ok(task) => TaskFailed {
+                        task,
+                        how: "returned before shutdown".to_owned(),
+                    },
+                    Err(failed) => failed,
+                };
+                tracing::error!(task = failed.task, reason = %failed.how,
                 "a task stopped unexpectedly; reporting NOT_SERVING and shutting down");
-            if let Some((reporter, services)) = &self.health {
-                crate::health::set_all(reporter, services, ServingStatus::NotServing).await;
+                if let Some((reporter, services)) = &self.health {
+                    crate::health::set_all(reporter, services, ServingStatus::NotServing).await;
+                }
+                shutdown.cancel();
+                failure = Some(failed);
             }
-            shutdown.cancel();
-            failure = Some(failed);
         }
         while let Some(done) = self.front.join_next_with_id().await {
             self.note(done, &mut failure);
