@@ -20,11 +20,15 @@
 //!   order, and a non-zero exit when one dies.
 //! - [`health`]: `grpc.health.v1` status that follows the database and the
 //!   broker; [`grpc`]: the server with health and reflection built in.
+//! - [`broker_identity`]: each database records the Kafka cluster it
+//!   belongs with; a service refuses to run against another one until an
+//!   operator accepts it.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
 //!   [`rest`]: plumbing with documented defaults.
 
+pub mod broker_identity;
 pub mod catalog;
 pub mod config;
 pub mod consumer;

@@ -19,7 +19,7 @@ use std::{
     net::SocketAddr,
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -31,6 +31,7 @@ use tonic::transport::server::Router;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    broker_identity::{self, IdentityError},
     config::{ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     consumer::{self, ConsumeLoop, EventHandler},
     db::{self, DbError},
@@ -86,19 +87,33 @@ impl StartError {
     }
 }
 
-/// Whether start-up has finished (migrations ran, topics exist, seed data
-/// loaded). Until then the service's API answers UNAVAILABLE and health is
-/// NOT_SERVING, although its ports are open: probes get an answer.
+/// Whether start-up has finished (migrations ran, the Kafka cluster is the
+/// expected one, topics exist, seed data loaded). Until then the service's
+/// API answers UNAVAILABLE and health is NOT_SERVING, although its ports are
+/// open: probes get an answer. A service that refuses to run (another Kafka
+/// cluster, see [`crate::broker_identity`]) says why in that answer.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    refusal: Arc<Mutex<Option<String>>>,
+}
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire)
     }
 
     fn mark_ready(&self) {
-        self.0.store(true, Ordering::Release);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Start-up is held back for `reason`, which callers are told.
+    pub(crate) fn refuse(&self, reason: String) {
+        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+    }
+
+    pub(crate) fn clear_refusal(&self) {
+        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// A gRPC interceptor for the service's API (not health or reflection).
@@ -111,14 +126,18 @@ impl Readiness {
             if ready.is_ready() {
                 Ok(request)
             } else {
-                Err(Self::starting())
+                Err(ready.unavailable())
             }
         }
     }
 
-    /// The status answered while starting.
-    pub fn starting() -> tonic::Status {
-        tonic::Status::unavailable("service is starting; retry shortly")
+    /// What the API answers until ready: UNAVAILABLE, with the reason when
+    /// start-up is refused.
+    pub fn unavailable(&self) -> tonic::Status {
+        match &*self.refusal.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(reason) => tonic::Status::unavailable(reason.clone()),
+            None => tonic::Status::unavailable("service is starting; retry shortly"),
+        }
     }
 }
 
@@ -244,11 +263,28 @@ impl Service {
         Ok(bound)
     }
 
-    /// Runs the migrations and creates the pipeline's topics, waiting (with
-    /// backoff) for the database and the broker to be reachable.
-    pub async fn prepare(&self, migrator: &Migrator) -> Result<(), StartError> {
+    /// Runs the migrations, checks that the broker is the Kafka cluster
+    /// this database belongs with (waiting, refused, while it is not: see
+    /// [`crate::broker_identity`]) and creates the pipeline's topics,
+    /// waiting (with backoff) for the database and the broker to be
+    /// reachable.
+    pub async fn prepare(&mut self, migrator: &Migrator) -> Result<(), StartError> {
         db::migrate(&self.pool, migrator, &self.shutdown).await?;
+        let cluster_id =
+            broker_identity::verify(&self.pool, &self.producer, &self.readiness, &self.shutdown)
+                .await
+                .map_err(|e| match e {
+                    IdentityError::Cancelled => StartError::Kafka(KafkaError::Cancelled),
+                    IdentityError::Db(e) => StartError::step("checking the Kafka cluster")(e),
+                })?;
         kafka::ensure_topics(&self.kafka, &crate::topics::ALL, &self.shutdown).await?;
+        let watch = broker_identity::watch(
+            self.producer.clone(),
+            cluster_id,
+            self.pipeline.health_interval,
+            self.shutdown.clone(),
+        );
+        self.supervisor.spawn("Kafka cluster watch", watch);
         Ok(())
     }
 

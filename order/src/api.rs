@@ -36,7 +36,10 @@ impl OrderApi {
     /// Validates, prices and stores an order; publishes `OrderCreated`
     /// through the outbox.
     pub async fn create(&self, req: &CreateOrderRequest) -> Result<Order, OrderError> {
-        let catalog = self.catalog.get().ok_or(OrderError::Starting)?;
+        let catalog = self
+            .catalog
+            .get()
+            .ok_or_else(|| OrderError::Unavailable(self.readiness.unavailable()))?;
         let new = domain::validate(req)?;
         let (lines, currency, total) = domain::price(&new, catalog)?;
         let key = req.idempotency_key.trim();
@@ -66,7 +69,7 @@ impl OrderApi {
 
     pub async fn get(&self, order_id: &str) -> Result<Order, OrderError> {
         if !self.readiness.is_ready() {
-            return Err(OrderError::Starting);
+            return Err(OrderError::Unavailable(self.readiness.unavailable()));
         }
         let id = Uuid::parse_str(order_id.trim())
             .map_err(|_| Invalid(format!("order_id {order_id:?} is not a UUID")))?;

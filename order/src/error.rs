@@ -17,9 +17,10 @@ pub enum OrderError {
     IdempotencyConflict(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    /// Start-up has not finished (database or broker not reached yet).
-    #[error("service is starting")]
-    Starting,
+    /// Start-up has not finished (database or broker not reached yet, or
+    /// refused): the readiness's answer.
+    #[error("{}", .0.message())]
+    Unavailable(Status),
 }
 
 impl From<OrderError> for Status {
@@ -32,7 +33,7 @@ impl From<OrderError> for Status {
             OrderError::Pricing(p) => Status::invalid_argument(p.to_string()),
             OrderError::NotFound(_) => Status::not_found(e.to_string()),
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
-            OrderError::Starting => common::service::Readiness::starting(),
+            OrderError::Unavailable(status) => status,
             OrderError::Db(db) => common::error::db_status(&db),
         }
     }

@@ -12,7 +12,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use common::config::{DbConfig, KafkaConfig, PipelineConfig};
 use shop_proto::{
     inventory::inventory_service_client::InventoryServiceClient,
-    order::{Order, OrderStatus, order_service_client::OrderServiceClient},
+    order::{CreateOrderRequest, Order, OrderStatus, order_service_client::OrderServiceClient},
     payment::payment_service_client::PaymentServiceClient,
 };
 use sqlx::{Connection, PgConnection, PgPool};
@@ -73,6 +73,27 @@ pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
     }
 }
 
+/// A single-product order in the original system's shape.
+pub fn order_request(customer: &str, product: &str, quantity: i32) -> CreateOrderRequest {
+    keyed_order_request(customer, product, quantity, "")
+}
+
+/// The same with an idempotency key (empty: none).
+pub fn keyed_order_request(
+    customer: &str,
+    product: &str,
+    quantity: i32,
+    key: &str,
+) -> CreateOrderRequest {
+    CreateOrderRequest {
+        customer_id: customer.into(),
+        product_id: product.into(),
+        quantity,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
 /// A loopback address with a free port, for a service run as a process.
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -97,14 +118,12 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-fn loopback() -> SocketAddr {
-    ([127, 0, 0, 1], 0).into()
-}
-
 /// A running pipeline; stopped (gracefully) by [`Pipeline::stop`] or when
 /// dropped.
 pub struct Pipeline {
     pub id: String,
+    /// The broker it runs against.
+    pub brokers: String,
     pub order_grpc: SocketAddr,
     pub order_http: SocketAddr,
     pub payment_grpc: SocketAddr,
@@ -113,7 +132,7 @@ pub struct Pipeline {
     pub payments_db: PgPool,
     pub inventory_db: PgPool,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<Result<(), common::supervisor::TaskFailed>>>,
+    tasks: Vec<JoinHandle<Result<(), String>>>,
 }
 
 /// Options a test may change before starting a pipeline.
@@ -124,6 +143,14 @@ pub struct Options {
     pub run_inventory: bool,
     /// How long published outbox rows are kept.
     pub outbox_retention: Duration,
+    /// Run on the databases (and topic names) of the earlier pipeline with
+    /// this id instead of fresh ones.
+    pub reuse: Option<String>,
+    /// Bootstrap servers, when not the shared test broker.
+    pub brokers: Option<String>,
+    /// Whether [`Pipeline::start_with`] waits until every service reports
+    /// SERVING.
+    pub wait_serving: bool,
 }
 
 impl Default for Options {
@@ -132,8 +159,25 @@ impl Default for Options {
             order_deadline: Duration::from_secs(120),
             run_inventory: true,
             outbox_retention: Duration::from_secs(3600),
+            reuse: None,
+            brokers: None,
+            wait_serving: true,
         }
     }
+}
+
+/// Builds and runs one service in a task; start-up and run errors come
+/// back as text.
+fn launch<F>(started: F) -> JoinHandle<Result<(), String>>
+where
+    F: Future<Output = Result<common::service::Running, common::service::StartError>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        let running = started.await.map_err(|e| format!("start-up: {e}"))?;
+        running.run().await.map_err(|e| e.to_string())
+    })
 }
 
 impl Pipeline {
@@ -143,13 +187,31 @@ impl Pipeline {
 
     pub async fn start_with(options: Options) -> Self {
         common::telemetry::init_for_tests();
-        let id = unique_id();
         let shutdown = CancellationToken::new();
-        let (orders_url, payments_url, inventory_url) = tokio::join!(
-            create_database(format!("t_{id}_orders")),
-            create_database(format!("t_{id}_payments")),
-            create_database(format!("t_{id}_inventory")),
-        );
+        let brokers = options.brokers.clone().unwrap_or_else(brokers);
+        let (id, urls) = match &options.reuse {
+            Some(id) => {
+                let (base, _) = admin_url()
+                    .rsplit_once('/')
+                    .map(|(b, d)| (b.to_owned(), d.to_owned()))
+                    .expect("URL has a database");
+                let url = |db: &str| format!("{base}/t_{id}_{db}");
+                (
+                    id.clone(),
+                    (url("orders"), url("payments"), url("inventory")),
+                )
+            }
+            None => {
+                let id = unique_id();
+                let urls = tokio::join!(
+                    create_database(format!("t_{id}_orders")),
+                    create_database(format!("t_{id}_payments")),
+                    create_database(format!("t_{id}_inventory")),
+                );
+                (id, urls)
+            }
+        };
+        let (orders_url, payments_url, inventory_url) = urls;
         let pipeline_config = || PipelineConfig {
             outbox_retention: options.outbox_retention,
             ..test_pipeline_config()
@@ -158,80 +220,77 @@ impl Pipeline {
             url: url.to_owned(),
             max_connections: 5,
         };
+        let kafka = |service: &str| KafkaConfig {
+            brokers: brokers.clone(),
+            ..test_kafka_config(&id, service)
+        };
+        // Ports picked here rather than port 0, so that the addresses are
+        // known while start-up may still be waiting.
+        let (order_grpc, order_http, payment_grpc, inventory_grpc) =
+            (free_addr(), free_addr(), free_addr(), free_addr());
 
         let mut payment_cfg = payment::Config::from_env().expect("payment config");
-        payment_cfg.grpc_addr = loopback();
+        payment_cfg.grpc_addr = payment_grpc;
         payment_cfg.db = db(&payments_url);
-        payment_cfg.kafka = test_kafka_config(&id, "payment");
+        payment_cfg.kafka = kafka("payment");
         payment_cfg.pipeline = pipeline_config();
 
         let mut inventory_cfg = inventory::Config::from_env().expect("inventory config");
-        inventory_cfg.grpc_addr = loopback();
+        inventory_cfg.grpc_addr = inventory_grpc;
         inventory_cfg.db = db(&inventory_url);
-        inventory_cfg.kafka = test_kafka_config(&id, "inventory");
+        inventory_cfg.kafka = kafka("inventory");
         inventory_cfg.pipeline = pipeline_config();
 
         let mut order_cfg = order::Config::from_env().expect("order config");
-        order_cfg.grpc_addr = loopback();
-        order_cfg.http_addr = loopback();
+        order_cfg.grpc_addr = order_grpc;
+        order_cfg.http_addr = order_http;
         order_cfg.deadline = options.order_deadline;
         order_cfg.sweep_interval = Duration::from_millis(200);
         order_cfg.db = db(&orders_url);
-        order_cfg.kafka = test_kafka_config(&id, "order");
+        order_cfg.kafka = kafka("order");
         order_cfg.pipeline = pipeline_config();
 
-        let run_inventory = options.run_inventory;
-        let inventory_shutdown = shutdown.clone();
-        let (payment, inventory, order) = tokio::join!(
-            payment::build(payment_cfg, shutdown.clone()),
-            async move {
-                match run_inventory {
-                    true => Some(inventory::build(inventory_cfg, inventory_shutdown).await),
-                    false => None,
-                }
-            },
-            order::build(order_cfg, shutdown.clone()),
-        );
-        let (payment, inventory, order) = (
-            payment.expect("payment starts"),
-            inventory.map(|i| i.expect("inventory starts")),
-            order.expect("order starts"),
-        );
-        let mut tasks = Vec::new();
-        let inventory_grpc = match inventory {
-            Some(inventory) => {
-                let addr = inventory.grpc_addr();
-                tasks.push(tokio::spawn(inventory.run()));
-                addr
-            }
-            None => ([127, 0, 0, 1], 0).into(),
-        };
+        let mut tasks = vec![
+            launch(payment::build(payment_cfg, shutdown.clone())),
+            launch(order::build(order_cfg, shutdown.clone())),
+        ];
+        let mut serving = vec![order_grpc, payment_grpc];
+        if options.run_inventory {
+            tasks.push(launch(inventory::build(inventory_cfg, shutdown.clone())));
+            serving.push(inventory_grpc);
+        }
         let pipeline = Self {
-            order_grpc: order.grpc_addr(),
-            order_http: order.http_addr().expect("order serves REST"),
-            payment_grpc: payment.grpc_addr(),
+            brokers,
+            order_grpc,
+            order_http,
+            payment_grpc,
             inventory_grpc,
             orders_db: PgPool::connect(&orders_url).await.expect("orders db"),
             payments_db: PgPool::connect(&payments_url).await.expect("payments db"),
             inventory_db: PgPool::connect(&inventory_url).await.expect("inventory db"),
-            tasks: {
-                tasks.push(tokio::spawn(payment.run()));
-                tasks.push(tokio::spawn(order.run()));
-                tasks
-            },
+            tasks,
             id,
             shutdown,
         };
-        for addr in [
-            pipeline.order_grpc,
-            pipeline.payment_grpc,
-            pipeline.inventory_grpc,
-        ] {
-            if addr.port() != 0 {
-                wait_serving(addr, "").await;
+        if options.wait_serving {
+            for addr in serving {
+                pipeline.wait_serving(addr).await;
             }
         }
         pipeline
+    }
+
+    /// Waits until the service at `addr` reports SERVING; fails at once if
+    /// a service of this pipeline stopped (start-up error or failure).
+    pub async fn wait_serving(&self, addr: SocketAddr) {
+        eventually(&format!("{addr} to report SERVING"), || async {
+            if let Some(done) = self.tasks.iter().find(|t| t.is_finished()) {
+                let _ = done;
+                panic!("a service of the pipeline stopped while starting");
+            }
+            (health(addr, "").await == Some(SERVING)).then_some(())
+        })
+        .await
     }
 
     /// The full name of a pipeline topic in this test.
@@ -256,13 +315,21 @@ impl Pipeline {
     }
 
     /// Places an order over gRPC; panics if it is not accepted.
-    pub async fn create(&self, request: shop_proto::order::CreateOrderRequest) -> Order {
+    pub async fn create(&self, request: CreateOrderRequest) -> Order {
         self.orders()
             .await
             .create_order(request)
             .await
             .expect("CreateOrder")
             .into_inner()
+    }
+
+    /// Places an order and waits until it is decided; returns it as
+    /// accepted and as decided.
+    pub async fn place(&self, request: CreateOrderRequest) -> (Order, Order) {
+        let created = self.create(request).await;
+        let decided = self.final_order(&created.order_id).await;
+        (created, decided)
     }
 
     /// Polls GetPayment until the order's payment is REFUNDED.
@@ -309,7 +376,10 @@ impl Pipeline {
 
     /// Kafka settings that address this test's topics.
     pub fn kafka(&self) -> KafkaConfig {
-        test_kafka_config(&self.id, "test")
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            ..test_kafka_config(&self.id, "test")
+        }
     }
 
     /// Every record now on one of this test's topics.

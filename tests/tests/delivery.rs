@@ -5,31 +5,17 @@
 use std::{collections::HashSet, time::Duration};
 
 use common::config::KafkaConfig;
-use e2e::{Options, Pipeline, eventually};
+use e2e::{Options, Pipeline, eventually, keyed_order_request, order_request};
 use prost::Message as _;
 use rdkafka::{
     Message,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use shop_proto::{
-    EventName, events,
-    order::{CreateOrderRequest, OrderStatus},
-    payment::GetAccountRequest,
-};
+use shop_proto::{EventName, events, order::OrderStatus, payment::GetAccountRequest};
 use shopctl::invariants::{PerService, Sources};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-
-fn order(customer: &str, product: &str, quantity: i32, key: &str) -> CreateOrderRequest {
-    CreateOrderRequest {
-        customer_id: customer.into(),
-        product_id: product.into(),
-        quantity,
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
 
 fn count_events(p: &Pipeline, topic: &str, event_type: &str) -> usize {
     p.records(topic)
@@ -61,18 +47,18 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
     let p = Pipeline::start().await;
     let mut client = p.orders().await;
     let first = client
-        .create_order(order("CUST-IDEM", "PROD001", 1, "key-1"))
+        .create_order(keyed_order_request("CUST-IDEM", "PROD001", 1, "key-1"))
         .await
         .unwrap()
         .into_inner();
     let again = client
-        .create_order(order("CUST-IDEM", "PROD001", 1, "key-1"))
+        .create_order(keyed_order_request("CUST-IDEM", "PROD001", 1, "key-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.order_id, again.order_id);
     let conflict = client
-        .create_order(order("CUST-IDEM", "PROD001", 2, "key-1"))
+        .create_order(keyed_order_request("CUST-IDEM", "PROD001", 2, "key-1"))
         .await
         .unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists);
@@ -83,7 +69,7 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
         let mut client = client.clone();
         async move {
             client
-                .create_order(order("CUST-IDEM", "PROD004", 1, "key-race"))
+                .create_order(keyed_order_request("CUST-IDEM", "PROD004", 1, "key-race"))
                 .await
                 .expect("each racer gets the order")
                 .into_inner()
@@ -139,7 +125,7 @@ async fn idempotency_key_returns_the_original_order_and_publishes_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redelivered_events_change_nothing() {
     let p = Pipeline::start().await;
-    let created = p.create(order("CUST-DUP", "PROD003", 2, "")).await;
+    let created = p.create(order_request("CUST-DUP", "PROD003", 2)).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32
@@ -292,7 +278,7 @@ async fn bad_records_go_to_the_dlq_and_never_block() {
         .unwrap();
 
     // The same customer's next order still goes through: nothing blocked.
-    let created = p.create(order("CUST-BAD", "PROD006", 1, "")).await;
+    let created = p.create(order_request("CUST-BAD", "PROD006", 1)).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32
@@ -388,8 +374,7 @@ async fn order_past_its_deadline_is_cancelled_and_compensated() {
         ..Options::default()
     })
     .await;
-    let created = p.create(order("CUST-SLOW", "PROD007", 1, "")).await;
-    let done = p.final_order(&created.order_id).await;
+    let (created, done) = p.place(order_request("CUST-SLOW", "PROD007", 1)).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert_eq!(done.reason, "timed out waiting for inventory");
     // Payment had approved it; the cancellation refunds it.
@@ -410,7 +395,7 @@ async fn published_outbox_rows_are_marked_then_pruned() {
         ..Options::default()
     })
     .await;
-    let created = p.create(order("CUST-PRUNE", "PROD008", 1, "")).await;
+    let created = p.create(order_request("CUST-PRUNE", "PROD008", 1)).await;
     assert_eq!(
         p.final_order(&created.order_id).await.status,
         OrderStatus::Confirmed as i32
@@ -446,7 +431,7 @@ async fn invariant_checker_passes_a_clean_run_and_catches_tampering() {
     ] {
         ids.push(
             client
-                .create_order(order(customer, product, quantity, ""))
+                .create_order(keyed_order_request(customer, product, quantity, ""))
                 .await
                 .unwrap()
                 .into_inner()
@@ -517,10 +502,19 @@ struct SettledRun {
 
 async fn settled_run() -> SettledRun {
     let p = Pipeline::start().await;
-    let confirmed = p.create(order("CUST-K1", "PROD001", 2, "")).await.order_id;
+    let confirmed = p
+        .create(order_request("CUST-K1", "PROD001", 2))
+        .await
+        .order_id;
     // PROD020 has 3 units; PROD010 three times is over a new customer's limit.
-    let refunded = p.create(order("CUST-K2", "PROD020", 5, "")).await.order_id;
-    let released = p.create(order("CUST-K3", "PROD010", 3, "")).await.order_id;
+    let refunded = p
+        .create(order_request("CUST-K2", "PROD020", 5))
+        .await
+        .order_id;
+    let released = p
+        .create(order_request("CUST-K3", "PROD010", 3))
+        .await
+        .order_id;
     for id in [&confirmed, &refunded, &released] {
         p.final_order(id).await;
     }

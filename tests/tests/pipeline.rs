@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e::{Pipeline, eventually};
+use e2e::{Pipeline, eventually, order_request};
 use prost::Message as _;
 use rdkafka::{
     ClientConfig, Message,
@@ -17,15 +17,6 @@ use shop_proto::{
     payment::{GetAccountRequest, GetPaymentRequest, PaymentStatus, SetCreditLimitRequest},
 };
 use tonic::Code;
-
-fn order(customer: &str, product: &str, quantity: i32) -> CreateOrderRequest {
-    CreateOrderRequest {
-        customer_id: customer.into(),
-        product_id: product.into(),
-        quantity,
-        ..Default::default()
-    }
-}
 
 async fn available(p: &Pipeline, product: &str) -> i64 {
     p.inventory()
@@ -161,7 +152,7 @@ async fn rest_order_like_the_original_system_is_confirmed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn order_created_record_is_keyed_by_customer_and_decodes() {
     let p = Pipeline::start().await;
-    let created = p.create(order("CUST-KEY-1", "PROD004", 1)).await;
+    let created = p.create(order_request("CUST-KEY-1", "PROD004", 1)).await;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", e2e::brokers())
@@ -224,8 +215,7 @@ async fn declined_payment_cancels_and_releases_stock() {
         .await
         .expect("SetCreditLimit");
     let before = available(&p, "PROD005").await;
-    let created = p.create(order("CUST-POOR", "PROD005", 1)).await;
-    let done = p.final_order(&created.order_id).await;
+    let (_, done) = p.place(order_request("CUST-POOR", "PROD005", 1)).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(done.reason.contains("payment declined"), "{}", done.reason);
     assert!(done.reason.contains("credit"), "{}", done.reason);
@@ -254,8 +244,7 @@ async fn out_of_stock_cancels_and_refunds_payment() {
         })
         .await
         .expect("SetStock");
-    let created = p.create(order("CUST-OOS", "PROD020", 2)).await;
-    let done = p.final_order(&created.order_id).await;
+    let (created, done) = p.place(order_request("CUST-OOS", "PROD020", 2)).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(
         done.reason.contains("inventory rejected"),
@@ -294,13 +283,13 @@ async fn last_unit_goes_to_exactly_one_of_two_concurrent_orders() {
         async {
             p.orders()
                 .await
-                .create_order(order("CUST-A", "PROD019", 1))
+                .create_order(order_request("CUST-A", "PROD019", 1))
                 .await
         },
         async {
             p.orders()
                 .await
-                .create_order(order("CUST-B", "PROD019", 1))
+                .create_order(order_request("CUST-B", "PROD019", 1))
                 .await
         },
     );
@@ -331,28 +320,32 @@ async fn grpc_rejects_bad_input_with_status_codes() {
     let mut client = p.orders().await;
     let cases = [
         (
-            order("", "PROD001", 1),
+            order_request("", "PROD001", 1),
             Code::InvalidArgument,
             "customer_id is required",
         ),
-        (order("C1", "", 1), Code::InvalidArgument, "needs items"),
         (
-            order("C1", "PROD001", 0),
+            order_request("C1", "", 1),
+            Code::InvalidArgument,
+            "needs items",
+        ),
+        (
+            order_request("C1", "PROD001", 0),
             Code::InvalidArgument,
             "must be positive",
         ),
         (
-            order("C1", "PROD001", -1),
+            order_request("C1", "PROD001", -1),
             Code::InvalidArgument,
             "must be positive",
         ),
         (
-            order("C1", "PROD001", 1_000_000),
+            order_request("C1", "PROD001", 1_000_000),
             Code::InvalidArgument,
             "at most",
         ),
         (
-            order("C1", "PROD999", 1),
+            order_request("C1", "PROD999", 1),
             Code::NotFound,
             "unknown product PROD999",
         ),
