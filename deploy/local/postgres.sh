@@ -286,7 +286,7 @@ cmd_start() {
     port="$(running_port)"
     [[ "$port" == "$PG_PORT" ]] ||
       die "this state dir's PostgreSQL runs on port $port, not $PG_PORT; run '$0 stop' and start again, or set PGPORT=$port"
-    wait_for "PostgreSQL on $PG_HOST:$PG_PORT" 60 "$PG_LOG" ready ||
+    ready || wait_for "PostgreSQL on $PG_HOST:$PG_PORT" 60 "$PG_LOG" ready ||
       die "PostgreSQL (pid $(postmaster_pid)) runs but does not accept connections (log: $PG_LOG)"
     log "PostgreSQL $PG_VER already running on $PG_HOST:$PG_PORT ($PG_DATA)"
   else
