@@ -8,6 +8,7 @@
 #      for K6_DURATION (default 20s) and prints latency at that steady rate.
 #
 # usage: deploy/local/bench.sh [ORDERS (default 20000)] [CONCURRENCY (default 50)]
+#   env: the ports of up.sh (SHOP_PORT_OFFSET, PGPORT, ORDER_GRPC_PORT, ...), K6_RATE, K6_DURATION
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -15,22 +16,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 orders="${1:-20000}"
 concurrency="${2:-50}"
-db="postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/orders"
+db="$(pg_url orders)"
 
 "$REPO/deploy/local/tools.sh" ghz k6 grpcurl grpc-health-probe
-grpc-health-probe -addr=127.0.0.1:50051 >/dev/null || die "order is not SERVING on 127.0.0.1:50051: run deploy/local/up.sh"
+grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null ||
+  die "order is not SERVING on 127.0.0.1:$ORDER_GRPC_PORT: run deploy/local/up.sh (same SHOP_PORT_OFFSET)"
 
 # Restock generously so that the benchmark measures the pipeline, not stock-outs.
 for product in PROD013 PROD014; do
   grpcurl -plaintext -d "{\"product_id\":\"$product\",\"available\":100000000}" \
-    127.0.0.1:50053 shop.inventory.v1.InventoryService/SetStock >/dev/null
+    "127.0.0.1:$INVENTORY_GRPC_PORT" shop.inventory.v1.InventoryService/SetStock >/dev/null
 done
 
 run="bench-$(date +%s)"
 start="$(psql -qAt "$db" -c "SELECT now()")"
 log "ghz: $orders CreateOrder calls, concurrency $concurrency (customers $run-N)"
+# The host argument overrides the config's 127.0.0.1:50051 (SHOP_PORT_OFFSET moves it).
 ghz --config ghz/create_order.json -n "$orders" -c "$concurrency" \
-  -d "{\"customer_id\":\"$run-{{.RequestNumber}}\",\"items\":[{\"product_id\":\"PROD013\",\"quantity\":1},{\"product_id\":\"PROD014\",\"quantity\":1}]}"
+  -d "{\"customer_id\":\"$run-{{.RequestNumber}}\",\"items\":[{\"product_id\":\"PROD013\",\"quantity\":1},{\"product_id\":\"PROD014\",\"quantity\":1}]}" \
+  "127.0.0.1:$ORDER_GRPC_PORT"
 
 log "waiting until every order of this run is decided (up to 300 s)"
 query="SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*),
@@ -49,4 +53,4 @@ printf '\nend to end: %s orders (%s confirmed) created and decided in %s s: %s o
   "$total" "$confirmed" "$seconds" "$rate"
 
 log "k6: REST POST /api/v1/orders at ${K6_RATE:-200}/s for ${K6_DURATION:-20s} (ghz/k6/rest_orders.js)"
-k6 run -q -e RATE="${K6_RATE:-200}" -e DURATION="${K6_DURATION:-20s}" ghz/k6/rest_orders.js
+k6 run -q -e BASE_URL="http://127.0.0.1:$ORDER_HTTP_PORT" -e RATE="${K6_RATE:-200}" -e DURATION="${K6_DURATION:-20s}" ghz/k6/rest_orders.js

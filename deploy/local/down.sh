@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Stops everything the local runner started: the three services (by pid file), then Kafka,
-# then PostgreSQL. Safe to run twice and when nothing is running.
+# Stops everything the local runner started for this SHOP_STATE_DIR: the three services (by pid
+# file), then Kafka, then PostgreSQL. Safe to run twice and when nothing is running.
 #
-# usage: deploy/local/down.sh
-#   env: SHOP_STOP_TIMEOUT (seconds per service before SIGKILL, default 30)
+# usage: deploy/local/down.sh            stop; the data stays for the next up.sh
+#        deploy/local/down.sh --purge    stop, then delete this state dir's data: the PostgreSQL
+#                                        cluster, the Kafka log, pids and logs (the next up.sh
+#                                        starts from empty databases and an empty broker, together)
+#   env: SHOP_STATE_DIR (.run/ of this clone), SHOP_STOP_TIMEOUT (seconds per service before
+#        SIGKILL, default 30). Ports do not matter here: processes are found by pid file and
+#        data dir, so it stops what runs even after SHOP_PORT_OFFSET changed.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -11,6 +16,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 here="$(dirname "${BASH_SOURCE[0]}")"
 timeout="${SHOP_STOP_TIMEOUT:-30}"
+purge=0
+case "${1:-}" in
+  "") ;;
+  --purge) purge=1 ;;
+  *)
+    echo "usage: $0 [--purge]" >&2
+    exit 2
+    ;;
+esac
 
 # Services first: on SIGTERM they flush producers and commit offsets, which needs the broker
 # and the databases still up. All get SIGTERM at once and shut down in parallel, under one
@@ -45,4 +59,17 @@ fi
 
 "$here/kafka.sh" stop
 "$here/postgres.sh" stop
+
+if ((purge)); then
+  # Refuse to delete data under a server that still runs (e.g. stop failed half-way). By pid,
+  # not by port: a port variable that changed since the start must not hide a live server.
+  pg_pid="$(head -n 1 "$SHOP_STATE_DIR/postgres/data/postmaster.pid" 2>/dev/null || true)"
+  if pid_alive "$SHOP_STATE_DIR/pids/kafka.pid" || proc_alive "$pg_pid"; then
+    die "a server of $SHOP_STATE_DIR still runs; not purging"
+  fi
+  log "purging $SHOP_STATE_DIR: PostgreSQL cluster, Kafka log, pids, logs"
+  # Only what the scripts create, so a mistaken SHOP_STATE_DIR loses nothing else.
+  rm -rf "$SHOP_STATE_DIR/postgres" "$SHOP_STATE_DIR/kafka" "$SHOP_STATE_DIR/pids" "$SHOP_STATE_DIR/logs"
+  rmdir "$SHOP_STATE_DIR" 2>/dev/null || log "kept $SHOP_STATE_DIR: it holds other files"
+fi
 log "all down"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Real Apache Kafka 4.x, single node in KRaft mode (broker + controller in one JVM), no containers.
 # The jars come from Maven Central via mvn and are cached in $SHOP_CACHE_DIR, shared by clones.
+# The log (topics, offsets) lives in $SHOP_STATE_DIR/kafka, next to this clone's PostgreSQL
+# cluster (postgres.sh); down.sh --purge removes both.
 #
 # usage: deploy/local/kafka.sh {install|start|stop|restart|status|kill|create-topics|delete-test-topics}
-#   env: KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+#   env: KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093) (both + SHOP_PORT_OFFSET),
 #        KAFKA_TOPIC_PREFIX (""), KAFKA_PARTITIONS (6), SHOP_CACHE_DIR, SHOP_STATE_DIR
 set -euo pipefail
 
@@ -221,6 +223,20 @@ ports_free() {
   ! port_open "$KAFKA_HOST" "$KAFKA_PORT" && ! port_open "$KAFKA_HOST" "$KAFKA_CONTROLLER_PORT"
 }
 
+# wait_broker_ports_free — after stop or kill, wait (10 s) for the ports the broker was started
+# with (its server.properties), not the ones the environment names now: a changed KAFKA_PORT or
+# SHOP_PORT_OFFSET must neither hide our broker's ports nor make us wait on another broker's.
+wait_broker_ports_free() {
+  local listeners port=$KAFKA_PORT cport=$KAFKA_CONTROLLER_PORT deadline=$((SECONDS + 10))
+  listeners="$(sed -n 's/^listeners=//p' "$KAFKA_PROPS" 2>/dev/null || true)"
+  [[ "$listeners" =~ PLAINTEXT://[^,]*:([0-9]+) ]] && port="${BASH_REMATCH[1]}"
+  [[ "$listeners" =~ CONTROLLER://[^,]*:([0-9]+) ]] && cport="${BASH_REMATCH[1]}"
+  while port_open "$KAFKA_HOST" "$port" || port_open "$KAFKA_HOST" "$cport"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
 # wait_ports_free SECONDS — quietly wait until both listener ports are closed.
 wait_ports_free() {
   local deadline=$((SECONDS + $1))
@@ -308,7 +324,7 @@ cmd_stop() {
     return 0
   fi
   stop_pidfile kafka "$KAFKA_PID" 60
-  wait_ports_free 10 || log "warning: Kafka ports still open 10 s after it exited"
+  wait_broker_ports_free || log "warning: Kafka ports still open 10 s after it exited"
   log "Kafka stopped"
 }
 
@@ -330,7 +346,7 @@ cmd_kill() {
   done
   rm -f "$KAFKA_PID"
   # The main thread dies first; other threads close the sockets a moment later.
-  wait_ports_free 10 || log "warning: Kafka ports still open 10 s after SIGKILL"
+  wait_broker_ports_free || log "warning: Kafka ports still open 10 s after SIGKILL"
 }
 
 cmd_status() {

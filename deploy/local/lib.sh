@@ -9,17 +9,50 @@ export REPO
 # Kafka jars and go-installed tools are slow to fetch and identical across clones,
 # so they live outside the work tree and are reused (CI runs in a fresh clone each time).
 SHOP_CACHE_DIR="${SHOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shop-pipeline}"
-# Per-clone runtime state: pid files, logs, Kafka's data directory.
+export SHOP_CACHE_DIR
+
+# Per-clone runtime state: pid files, logs, the PostgreSQL cluster and Kafka's log, all under one
+# directory so that two clones never share half their state (see postgres.sh, down.sh --purge).
 SHOP_STATE_DIR="${SHOP_STATE_DIR:-$REPO/.run}"
-export SHOP_CACHE_DIR SHOP_STATE_DIR
+export SHOP_STATE_DIR
+
+# Ports. SHOP_PORT_OFFSET (default 0) moves every port at once, so a second clone runs beside
+# the first with e.g. `export SHOP_PORT_OFFSET=100` (PostgreSQL 5532, Kafka 9192/9193, order
+# 50151 + 8181, payment 50152, inventory 50153). Offset 1 would collide (9092+1 = 9093), so
+# use a multiple of 10. Each variable below can also be set on its own and wins over the offset.
+SHOP_PORT_OFFSET="${SHOP_PORT_OFFSET:-0}"
+[[ "$SHOP_PORT_OFFSET" =~ ^[0-9]+$ ]] || {
+  printf 'error: SHOP_PORT_OFFSET must be a number, not "%s"\n' "$SHOP_PORT_OFFSET" >&2
+  exit 1
+}
+PGPORT="${PGPORT:-$((5432 + SHOP_PORT_OFFSET))}"
+KAFKA_PORT="${KAFKA_PORT:-$((9092 + SHOP_PORT_OFFSET))}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((9093 + SHOP_PORT_OFFSET))}"
+ORDER_GRPC_PORT="${ORDER_GRPC_PORT:-$((50051 + SHOP_PORT_OFFSET))}"
+ORDER_HTTP_PORT="${ORDER_HTTP_PORT:-$((8081 + SHOP_PORT_OFFSET))}"
+PAYMENT_GRPC_PORT="${PAYMENT_GRPC_PORT:-$((50052 + SHOP_PORT_OFFSET))}"
+INVENTORY_GRPC_PORT="${INVENTORY_GRPC_PORT:-$((50053 + SHOP_PORT_OFFSET))}"
+for _port in "$PGPORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$ORDER_GRPC_PORT" "$ORDER_HTTP_PORT" \
+  "$PAYMENT_GRPC_PORT" "$INVENTORY_GRPC_PORT"; do
+  if ! [[ "$_port" =~ ^[0-9]+$ ]] || ((_port < 1 || _port > 65535)); then
+    printf 'error: port %s is not a valid TCP port (check SHOP_PORT_OFFSET and the *_PORT variables)\n' "$_port" >&2
+    exit 1
+  fi
+done
+unset _port
+export SHOP_PORT_OFFSET PGPORT KAFKA_PORT KAFKA_CONTROLLER_PORT
+export ORDER_GRPC_PORT ORDER_HTTP_PORT PAYMENT_GRPC_PORT INVENTORY_GRPC_PORT
 
 # 4.1.1 resolves from Maven Central and runs on Java 17 here (checked 2026-11, so the planned
 # fallback 4.4.0 was not needed). Another version may need KAFKA_LOG4J_VERSION (see kafka.sh).
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
-KAFKA_PORT="${KAFKA_PORT:-9092}"
-KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:${KAFKA_PORT}}"
-export KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_BROKERS
+export KAFKA_VERSION KAFKA_BROKERS
+
+# What the services, test.sh and bench.sh connect to: the PostgreSQL of this state dir.
+pg_url() {
+  printf 'postgres://shop:shop@127.0.0.1:%s/%s' "$PGPORT" "$1"
+}
 
 mkdir -p "$SHOP_CACHE_DIR/bin" "$SHOP_STATE_DIR/pids" "$SHOP_STATE_DIR/logs"
 case ":$PATH:" in

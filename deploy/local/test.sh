@@ -4,7 +4,9 @@
 # lints, then runs every test of the workspace against the real servers.
 #
 # usage: deploy/local/test.sh [extra cargo test args...]
-#   env: CARGO_TARGET_DIR (default $SHOP_CACHE_DIR/target, shared by clones)
+#   env: CARGO_TARGET_DIR (default $SHOP_CACHE_DIR/target, shared by clones); the ports of
+#        up.sh (SHOP_PORT_OFFSET, PGPORT, KAFKA_PORT, ...): the tests get TEST_DATABASE_URL and
+#        KAFKA_BROKERS for this state dir's servers, so the suite runs on any ports.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -15,15 +17,19 @@ cd "$REPO"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SHOP_CACHE_DIR/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# What tests/src/lib.rs connects to (KAFKA_BROKERS is exported by lib.sh). The fault suite
+# calls postgres.sh and kafka.sh itself and inherits SHOP_STATE_DIR and the ports from here.
+export TEST_DATABASE_URL="${TEST_DATABASE_URL:-$(pg_url postgres)}"
+
 "$here/postgres.sh" start
 "$here/kafka.sh" start
 
 # Each test creates its own databases (t_<id>_*); drop those of earlier runs.
 log "dropping test databases left by earlier runs"
-psql -qAt "postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/postgres" \
+psql -qAt "$TEST_DATABASE_URL" \
   -c "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'" |
   while read -r db; do
-    psql -q "postgres://shop:shop@127.0.0.1:${PGPORT:-5432}/postgres" \
+    psql -q "$TEST_DATABASE_URL" \
       -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
   done
 

@@ -3,8 +3,15 @@
 # PostgreSQL (Debian package) with the three databases, Apache Kafka 4.x in
 # KRaft mode (jars from Maven Central), the topics, the gRPC tools, then the
 # three services built in release mode. Safe to run again: what runs stays.
+# Everything it keeps (database cluster, Kafka log, pids, logs) is under SHOP_STATE_DIR
+# (default .run/ of this clone).
 #
-# usage: deploy/local/up.sh        stop with: deploy/local/down.sh
+# usage: deploy/local/up.sh        stop with: deploy/local/down.sh [--purge]
+#   env: SHOP_PORT_OFFSET (0) adds to every port below, so a second clone runs beside the first:
+#          SHOP_PORT_OFFSET=100 deploy/local/up.sh    (export it for down.sh/test.sh/bench.sh too)
+#        or one by one: PGPORT (5432), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+#        ORDER_GRPC_PORT (50051), ORDER_HTTP_PORT (8081), PAYMENT_GRPC_PORT (50052),
+#        INVENTORY_GRPC_PORT (50053); GRPC_BIND (127.0.0.1); CARGO_TARGET_DIR, SHOP_STATE_DIR
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -26,7 +33,9 @@ step "$here/tools.sh" grpcurl grpc-health-probe
 log "building the services (release; the first build takes several minutes)"
 step cargo build --release --quiet -p order -p payment -p inventory -p shopctl
 
-declare -A PORTS=([order]=50051 [payment]=50052 [inventory]=50053)
+declare -A PORTS=([order]=$ORDER_GRPC_PORT [payment]=$PAYMENT_GRPC_PORT [inventory]=$INVENTORY_GRPC_PORT)
+declare -A DBS=([order]=orders [payment]=payments [inventory]=inventory)
+bind="${GRPC_BIND:-127.0.0.1}"
 for svc in payment inventory order; do
   pidfile="$SHOP_STATE_DIR/pids/$svc.pid"
   logfile="$SHOP_STATE_DIR/logs/$svc.log"
@@ -35,7 +44,9 @@ for svc in payment inventory order; do
     stop_pidfile "$svc" "$pidfile"
   fi
   log "starting $svc (log: $logfile)"
-  GRPC_ADDR="${GRPC_BIND:-127.0.0.1}:${PORTS[$svc]}" \
+  # KAFKA_BROKERS comes exported from lib.sh (this state dir's broker).
+  GRPC_ADDR="$bind:${PORTS[$svc]}" HTTP_ADDR="$bind:$ORDER_HTTP_PORT" \
+    DATABASE_URL="$(pg_url "${DBS[$svc]}")" \
     nohup setsid "$CARGO_TARGET_DIR/release/$svc" >>"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"
 done
@@ -48,19 +59,20 @@ done
 
 cat <<MSG
 
-The pipeline is up: order gRPC 127.0.0.1:50051, REST http://127.0.0.1:8081,
-payment gRPC 127.0.0.1:50052, inventory gRPC 127.0.0.1:50053, Kafka 127.0.0.1:9092.
-Logs: $SHOP_STATE_DIR/logs/   Tools: $SHOP_CACHE_DIR/bin/ (add it to PATH)
+The pipeline is up: order gRPC 127.0.0.1:$ORDER_GRPC_PORT, REST http://127.0.0.1:$ORDER_HTTP_PORT,
+payment gRPC 127.0.0.1:$PAYMENT_GRPC_PORT, inventory gRPC 127.0.0.1:$INVENTORY_GRPC_PORT,
+Kafka $KAFKA_BROKERS, PostgreSQL $(pg_url '{orders,payments,inventory}').
+State and logs: $SHOP_STATE_DIR/   Tools: $SHOP_CACHE_DIR/bin/ (add it to PATH)
 
 Try:
   export PATH="$SHOP_CACHE_DIR/bin:\$PATH"
-  grpcurl -plaintext 127.0.0.1:50051 list
+  grpcurl -plaintext 127.0.0.1:$ORDER_GRPC_PORT list
   grpcurl -plaintext -d '{"customer_id":"CUST001","product_id":"PROD001","quantity":2}' \\
-    127.0.0.1:50051 shop.order.v1.OrderService/CreateOrder
-  curl -s -X POST localhost:8081/api/v1/orders -H 'Content-Type: application/json' \\
+    127.0.0.1:$ORDER_GRPC_PORT shop.order.v1.OrderService/CreateOrder
+  curl -s -X POST localhost:$ORDER_HTTP_PORT/api/v1/orders -H 'Content-Type: application/json' \\
     -d '{"customer_id":"CUST001","product_id":"PROD001","quantity":2}'
-  curl -s localhost:8081/api/v1/orders/<order_id>
-  grpc-health-probe -addr=127.0.0.1:50052
+  curl -s localhost:$ORDER_HTTP_PORT/api/v1/orders/<order_id>
+  grpc-health-probe -addr=127.0.0.1:$PAYMENT_GRPC_PORT
 
-Stop everything with: deploy/local/down.sh
+Stop everything with: deploy/local/down.sh (--purge also deletes the data)
 MSG
