@@ -39,6 +39,7 @@ use rdkafka::{
 };
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -47,6 +48,7 @@ use crate::{
     kafka::header,
     outbox::Notifier,
     retry::{Backoff, Streak},
+    trace_context::Carrier,
 };
 
 /// Where a record came from, handed to the handler with its event.
@@ -57,6 +59,41 @@ pub struct EventMeta {
     pub offset: i64,
     pub event_id: Uuid,
     pub event_type: String,
+    /// The consumer span of this record, a child of the context in its
+    /// `traceparent` header; the handler's work runs inside it. Handlers
+    /// record `order_id` on it.
+    pub span: tracing::Span,
+}
+
+/// The consumer span of one record (OpenTelemetry messaging conventions).
+fn record_span(m: &OwnedMessage, event_type: &str, event_id: Uuid) -> tracing::Span {
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format_args!("process {}", m.topic()),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = m.topic(),
+        messaging.destination.partition.id = m.partition(),
+        messaging.kafka.offset = m.offset(),
+        messaging.kafka.message.key = key,
+        messaging.message.id = %event_id,
+        event_type,
+        customer_id = key,
+        order_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let parent = m
+        .headers()
+        .map(Carrier::from_kafka)
+        .unwrap_or_default()
+        .context();
+    crate::trace_context::continue_from(&span, parent);
+    span
 }
 
 /// Why a payload could not be turned into an event.
@@ -343,6 +380,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
                     offset: m.offset(),
                     event_id,
                     event_type: event_type.to_owned(),
+                    span: record_span(m, event_type, event_id),
                 },
                 event,
             ),
@@ -420,7 +458,10 @@ impl<H: EventHandler> ConsumeLoop<H> {
             for (_, meta, event) in &events {
                 // `remove` also drops a second copy within the same batch.
                 if fresh.remove(&meta.event_id) {
-                    self.handler.apply(&mut tx, meta, event.clone()).await?;
+                    self.handler
+                        .apply(&mut tx, meta, event.clone())
+                        .instrument(meta.span.clone())
+                        .await?;
                 } else {
                     *duplicates.entry(meta.topic.as_str()).or_default() += 1;
                 }
@@ -458,7 +499,10 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 if record_processed(&mut tx, &[&meta]).await?.is_empty() {
                     count(&mut tx, &meta.topic, "duplicates_suppressed", 1).await?;
                 } else {
-                    self.handler.apply(&mut tx, &meta, event.clone()).await?;
+                    self.handler
+                        .apply(&mut tx, &meta, event.clone())
+                        .instrument(meta.span.clone())
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok::<(), BatchError>(())

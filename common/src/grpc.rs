@@ -45,6 +45,7 @@ pub fn router(service: &str) -> (Router, HealthReporter) {
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
     let router = Server::builder()
+        .trace_fn(request_span)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -72,4 +73,73 @@ pub async fn serve(
         .await?;
     tracing::info!("gRPC server stopped");
     Ok(())
+}
+
+/// The span of one gRPC call: it continues the caller's trace (W3C
+/// `traceparent` in the metadata) and carries the fields log lines inside
+/// it show. Health checks and reflection get none: probes every few
+/// seconds would drown the traces.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let method = request.uri().path().trim_start_matches('/');
+    if method.starts_with("grpc.") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "grpc request",
+        otel.name = method,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+        trace_id = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+        customer_id = tracing::field::Empty,
+    );
+    crate::trace_context::continue_from_http(&span, request.headers());
+    span
+}
+
+/// A REST request's span, like [`request_span`], named after the route
+/// template.
+fn http_request_span(request: &http::Request<axum::body::Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", axum::extract::MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format_args!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = route,
+        trace_id = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+        customer_id = tracing::field::Empty,
+    );
+    crate::trace_context::continue_from_http(&span, request.headers());
+    span
+}
+
+/// The tower layer that gives every REST request its span (no log lines of
+/// its own: the handlers log what matters).
+pub type HttpTraceLayer = tower_http::trace::TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    MakeHttpSpan,
+    (),
+    (),
+    (),
+    (),
+    (),
+>;
+
+type MakeHttpSpan = fn(&http::Request<axum::body::Body>) -> tracing::Span;
+
+/// See [`HttpTraceLayer`].
+pub fn http_trace_layer() -> HttpTraceLayer {
+    tower_http::trace::TraceLayer::new_for_http()
+        .make_span_with(http_request_span as MakeHttpSpan)
+        .on_request(())
+        .on_response(())
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(())
 }

@@ -23,6 +23,8 @@
 //! - [`broker_identity`]: each database records the Kafka cluster it
 //!   belongs with; a service refuses to run against another one until an
 //!   operator accepts it.
+//! - [`telemetry`] and [`trace_context`]: logs, and one OpenTelemetry trace
+//!   per order across requests, outbox rows and Kafka records.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -47,3 +49,4 @@ pub mod supervisor;
 pub mod telemetry;
 pub mod time;
 pub mod topics;
+pub mod trace_context;

@@ -21,7 +21,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{config::PipelineConfig, db, kafka, retry::Streak};
+use tracing::Instrument;
+
+use crate::{config::PipelineConfig, db, kafka, retry::Streak, trace_context::Carrier};
 
 /// Arbitrary constant naming the relay's advisory lock.
 const RELAY_LOCK: i64 = 0x5348_4f50_4f55_5442; // "SHOPOUTB"
@@ -54,11 +56,20 @@ impl OutboxEvent {
     }
 }
 
-/// Writes events into the outbox on the caller's transaction, in order.
+/// Writes events into the outbox on the caller's transaction, in order,
+/// with the trace context of the current span (the request or the consumed
+/// record that caused them).
 pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::Result<()> {
     if events.is_empty() {
         return Ok(());
     }
+    let span = tracing::info_span!(
+        "outbox write",
+        otel.kind = "internal",
+        events = events.len(),
+        event_type = events[0].event_type,
+    );
+    let trace = Carrier::of(&span);
     let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
@@ -66,8 +77,8 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
     // WITH ORDINALITY keeps the caller's order in the bigserial ids.
     sqlx::query(
-        "INSERT INTO outbox (topic, key, event_type, event_id, payload)
-         SELECT topic, key, event_type, event_id, payload
+        "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
+         SELECT topic, key, event_type, event_id, payload, $6, $7
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[])
               WITH ORDINALITY AS e(topic, key, event_type, event_id, payload, n)
          ORDER BY n",
@@ -77,7 +88,10 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     .bind(&types)
     .bind(&ids)
     .bind(&payloads)
+    .bind(trace.traceparent())
+    .bind(trace.tracestate())
     .execute(conn)
+    .instrument(span)
     .await?;
     Ok(())
 }
@@ -121,6 +135,28 @@ struct PendingRow {
     event_type: String,
     event_id: Uuid,
     payload: Vec<u8>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+/// The producer span of one event, a child of the span that wrote it
+/// (OpenTelemetry messaging conventions).
+fn publish_span(row: &PendingRow) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("send {}", row.topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %row.topic,
+        messaging.kafka.message.key = %row.key,
+        messaging.message.id = %row.event_id,
+        event_type = %row.event_type,
+        trace_id = tracing::field::Empty,
+    );
+    let stored = Carrier::from_parts(row.traceparent.clone(), row.tracestate.clone());
+    crate::trace_context::continue_from(&span, stored.context());
+    span
 }
 
 /// Publishes the outbox of one database.
@@ -230,7 +266,8 @@ impl Relay {
             return Ok(0); // another replica's relay is publishing
         }
         let rows: Vec<PendingRow> = sqlx::query_as(
-            "SELECT id, topic, key, event_type, event_id, payload FROM outbox
+            "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
+             FROM outbox
              WHERE published_at IS NULL ORDER BY id LIMIT $1",
         )
         .bind(self.batch_size)
@@ -242,16 +279,23 @@ impl Relay {
         // Enqueue the whole batch before awaiting: librdkafka batches per
         // partition, and idempotence keeps the per-partition order.
         let mut deliveries = Vec::with_capacity(rows.len());
+        let mut spans = Vec::with_capacity(rows.len());
         for row in &rows {
+            let span = publish_span(row);
+            let headers =
+                Carrier::of(&span).add_to(kafka::event_headers(&row.event_type, &row.event_id));
             let record = FutureRecord::to(&row.topic)
                 .key(&row.key)
                 .payload(&row.payload)
-                .headers(kafka::event_headers(&row.event_type, &row.event_id));
+                .headers(headers);
             deliveries.push(self.producer.send(record, Duration::from_secs(30)));
+            spans.push(span);
         }
+        // The publish spans end when their deliveries are acknowledged.
         for delivery in futures::future::join_all(deliveries).await {
             delivery.map_err(|(e, _)| e)?;
         }
+        drop(spans);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(&ids)

@@ -98,9 +98,14 @@ impl<S: OrderSide> EventHandler for OrderSideHandler<S> {
     async fn apply(
         &self,
         conn: &mut PgConnection,
-        _meta: &EventMeta,
+        meta: &EventMeta,
         event: OrderEvent,
     ) -> Result<(), HandlerError> {
+        let order_id = match &event {
+            OrderEvent::Created(e) => &e.order_id,
+            OrderEvent::Cancelled(e) => &e.order_id,
+        };
+        meta.span.record("order_id", order_id.as_str());
         match event {
             OrderEvent::Created(e) => {
                 let order_id = parse_id("order id", &e.order_id)?;

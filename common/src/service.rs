@@ -251,6 +251,7 @@ impl Service {
         router: axum::Router,
     ) -> Result<SocketAddr, StartError> {
         let (listener, bound) = bind(addr, "HTTP_ADDR").await?;
+        let router = router.layer(crate::grpc::http_trace_layer());
         let shutdown = self.shutdown.clone();
         self.supervisor.spawn("REST server", async move {
             axum::serve(listener, router)
@@ -393,15 +394,33 @@ impl Running {
     }
 }
 
-/// A service binary's whole `main`: logging, configuration, signals, build,
-/// run. Exits 0 after a requested shutdown, 1 when start-up failed or a task
-/// died, 2 on invalid configuration, each with a log line that says why.
-pub async fn main<C, B, F>(from_env: impl FnOnce() -> Result<C, ConfigError>, build: B) -> ExitCode
+/// A service binary's whole `main`: logging and tracing, configuration,
+/// signals, build, run, flushing traces at exit. Exits 0 after a requested
+/// shutdown, 1 when start-up failed or a task died, 2 on invalid
+/// configuration, each with a log line that says why.
+pub async fn main<C, B, F>(
+    service: &str,
+    from_env: impl FnOnce() -> Result<C, ConfigError>,
+    build: B,
+) -> ExitCode
 where
     B: FnOnce(C, CancellationToken) -> F,
     F: Future<Output = Result<Running, StartError>>,
 {
-    crate::telemetry::init();
+    let telemetry = crate::telemetry::init(service);
+    let code = run_service(from_env, build).await;
+    telemetry.shutdown().await;
+    code
+}
+
+async fn run_service<C, B, F>(
+    from_env: impl FnOnce() -> Result<C, ConfigError>,
+    build: B,
+) -> ExitCode
+where
+    B: FnOnce(C, CancellationToken) -> F,
+    F: Future<Output = Result<Running, StartError>>,
+{
     let config = match from_env() {
         Ok(config) => config,
         Err(e) => {

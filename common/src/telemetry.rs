@@ -1,30 +1,121 @@
-//! Logging with `tracing`: human-readable by default, JSON lines with
-//! `LOG_FORMAT=json` (production, log shippers). Filter with `RUST_LOG`.
+//! Logs and traces through `tracing`.
+//!
+//! - Logs: human-readable by default, JSON lines with `LOG_FORMAT=json`;
+//!   filtered by `RUST_LOG`. A line inside a request or a consumed record
+//!   carries that span's fields: `trace_id`, `order_id`, `customer_id`.
+//! - Traces: OpenTelemetry spans from the same `tracing` spans, exported
+//!   over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; `OTEL_SERVICE_NAME`,
+//!   `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER(_ARG)` are
+//!   honoured. Without an endpoint spans are still given W3C ids (so the
+//!   trace context travels across Kafka and log lines of one order share a
+//!   trace id) but are sampled out: nothing is recorded or sent.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+};
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
-/// Installs the global subscriber once; later calls (tests) are no-ops.
-pub fn init() {
-    let filter = filter();
+/// Owns the trace pipeline; [`Telemetry::shutdown`] flushes it.
+#[must_use = "keep it until exit and call shutdown() to flush traces"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Flushes and stops the trace exporter. It blocks, so it runs on a
+    /// blocking thread: the batch exporter over tonic hangs if its shutdown
+    /// runs on an async worker.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "trace exporter shutdown");
+        }
+    }
+}
+
+/// Whether the standard variables ask for trace export.
+fn export_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+/// The tracer provider for `service`: exporting when configured, otherwise
+/// id-only (see module docs).
+fn provider(service: &str) -> SdkTracerProvider {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let builder = SdkTracerProvider::builder().with_resource(resource.build());
+    if !export_configured() {
+        return builder.with_sampler(Sampler::AlwaysOff).build();
+    }
+    match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+    {
+        // The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based
+        // always-on).
+        Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+        Err(e) => {
+            eprintln!("trace export disabled: cannot build the OTLP exporter: {e}");
+            builder.with_sampler(Sampler::AlwaysOff).build()
+        }
+    }
+}
+
+/// Installs logging and tracing for the service named `service` (its
+/// `service.name` unless `OTEL_SERVICE_NAME` says otherwise). Call once, at
+/// the start of `main`, inside the (multi-thread) Tokio runtime.
+pub fn init(service: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = provider(service);
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = if json {
-        registry
-            .with(fmt::layer().json().flatten_event(true))
-            .try_init()
+    let logs = if json {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed()
     } else {
         // Colours only for a terminal, not for log files.
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(fmt::layer().with_ansi(ansi)).try_init()
+        fmt::layer().with_ansi(ansi).boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(logs)
+        .with(otel)
+        .try_init();
+    if export_configured() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    Telemetry { provider }
 }
 
 /// For tests: logs go through the test harness's capture, so they show
-/// only for failing tests. `RUST_LOG` still filters.
+/// only for failing tests; spans get trace ids (nothing is exported).
+/// `RUST_LOG` still filters.
 pub fn init_for_tests() {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::AlwaysOff)
+        .build();
     let _ = tracing_subscriber::registry()
         .with(filter())
         .with(fmt::layer().with_test_writer().with_ansi(false))
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
         .try_init();
 }
 

@@ -4,5 +4,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    common::service::main(inventory::Config::from_env, inventory::build).await
+    common::service::main("inventory", inventory::Config::from_env, inventory::build).await
 }

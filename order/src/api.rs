@@ -41,6 +41,7 @@ impl OrderApi {
             .get()
             .ok_or_else(|| OrderError::Unavailable(self.readiness.unavailable()))?;
         let new = domain::validate(req)?;
+        tracing::Span::current().record("customer_id", new.customer_id.as_str());
         let (lines, currency, total) = domain::price(&new, catalog)?;
         let key = req.idempotency_key.trim();
         if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
@@ -63,6 +64,7 @@ impl OrderApi {
             },
         )
         .await?;
+        tracing::Span::current().record("order_id", order.order_id.as_str());
         self.outbox.notify();
         Ok(order)
     }

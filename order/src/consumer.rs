@@ -10,6 +10,7 @@ use common::{
 };
 use shop_proto::{EventName, events};
 use sqlx::PgConnection;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{Decision, Outcome, decide};
@@ -53,9 +54,16 @@ impl EventHandler for SagaHandler {
     async fn apply(
         &self,
         conn: &mut PgConnection,
-        _meta: &EventMeta,
+        meta: &EventMeta,
         event: SagaEvent,
     ) -> Result<(), HandlerError> {
+        let order_id = match &event {
+            SagaEvent::Payment(e) => &e.order_id,
+            SagaEvent::PaymentRefunded(e) => &e.order_id,
+            SagaEvent::Inventory(e) => &e.order_id,
+            SagaEvent::InventoryReleased(e) => &e.order_id,
+        };
+        meta.span.record("order_id", order_id.as_str());
         match event {
             SagaEvent::Payment(e) => {
                 let outcome = match events::PaymentOutcome::try_from(e.outcome) {
@@ -110,6 +118,19 @@ impl SagaHandler {
     /// Records one side's result (the first report wins) and, if the order
     /// is still PENDING, applies the decision that follows.
     async fn record(
+        &self,
+        conn: &mut PgConnection,
+        order_id: &str,
+        side: Side,
+        outcome: Outcome,
+    ) -> Result<(), HandlerError> {
+        let span = tracing::info_span!("order status update", order_id, side = ?side);
+        self.record_in_span(conn, order_id, side, outcome)
+            .instrument(span)
+            .await
+    }
+
+    async fn record_in_span(
         &self,
         conn: &mut PgConnection,
         order_id: &str,

@@ -4,5 +4,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    common::service::main(order::Config::from_env, order::build).await
+    common::service::main("order", order::Config::from_env, order::build).await
 }

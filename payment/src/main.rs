@@ -4,5 +4,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    common::service::main(payment::Config::from_env, payment::build).await
+    common::service::main("payment", payment::Config::from_env, payment::build).await
 }

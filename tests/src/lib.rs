@@ -5,6 +5,7 @@
 //! The broker and the database server come from `deploy/local/test.sh`
 //! (`KAFKA_BROKERS`, `TEST_DATABASE_URL`); nothing here fakes them.
 
+pub mod process;
 pub mod scratch_postgres;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
