@@ -208,18 +208,15 @@ impl SagaHandler {
                     .bind(id)
                     .execute(&mut *conn)
                     .await?;
+                let event_id = Uuid::now_v7();
                 let event = events::OrderConfirmed {
-                    event_id: Uuid::now_v7().to_string(),
+                    event_id: event_id.to_string(),
                     occurred_at: Some(common::time::now()),
                     order_id: order_id.to_owned(),
                     customer_id: customer_id.clone(),
                 };
-                let out = OutboxEvent::new(
-                    self.orders_topic.clone(),
-                    &customer_id,
-                    event.event_id.parse().expect("uuid"),
-                    &event,
-                );
+                let out =
+                    OutboxEvent::new(self.orders_topic.clone(), &customer_id, event_id, &event);
                 outbox::enqueue(conn, &[out]).await?;
                 Ok(())
             }
@@ -264,19 +261,15 @@ pub(crate) async fn cancel(
     let events: Vec<OutboxEvent> = orders
         .iter()
         .map(|(id, customer_id, reason)| {
+            let event_id = Uuid::now_v7();
             let event = events::OrderCancelled {
-                event_id: Uuid::now_v7().to_string(),
+                event_id: event_id.to_string(),
                 occurred_at: Some(common::time::now()),
                 order_id: id.to_string(),
                 customer_id: customer_id.clone(),
                 reason: reason.clone(),
             };
-            OutboxEvent::new(
-                orders_topic.to_owned(),
-                customer_id,
-                event.event_id.parse().expect("uuid"),
-                &event,
-            )
+            OutboxEvent::new(orders_topic.to_owned(), customer_id, event_id, &event)
         })
         .collect();
     outbox::enqueue(conn, &events).await

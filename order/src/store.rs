@@ -96,7 +96,8 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
     let Some(created_at) = inserted else {
         // A concurrent request with the same key won the race.
         drop(tx);
-        let (key, hash) = new.idempotency.expect("only the key can conflict");
+        // Only the key can conflict (order ids are fresh UUIDs).
+        let (key, hash) = new.idempotency.ok_or(sqlx::Error::RowNotFound)?;
         return by_idempotency_key(pool, key, hash)
             .await?
             .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
@@ -120,8 +121,9 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
         currency: new.currency.to_owned(),
         units,
     };
+    let event_id = Uuid::now_v7();
     let event = events::OrderCreated {
-        event_id: Uuid::now_v7().to_string(),
+        event_id: event_id.to_string(),
         occurred_at: Some(common::time::now()),
         order_id: order_id.to_string(),
         customer_id: new.customer_id.to_owned(),
@@ -136,12 +138,7 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
             .collect(),
         total: Some(money(new.total)),
     };
-    let outgoing = OutboxEvent::new(
-        new.orders_topic,
-        new.customer_id,
-        event.event_id.parse().expect("just generated"),
-        &event,
-    );
+    let outgoing = OutboxEvent::new(new.orders_topic, new.customer_id, event_id, &event);
     outbox::enqueue(&mut tx, &[outgoing]).await?;
     tx.commit().await?;
     // Built from what was written rather than read back: one round trip less.
