@@ -87,6 +87,7 @@ impl KafkaConfig {
     }
 
     /// The full name of one of the pipeline's topics.
+    #[must_use]
     pub fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.topic_prefix)
     }
@@ -133,7 +134,7 @@ impl Default for PipelineConfig {
             outbox_retention: Duration::from_secs(3600),
             consumer_batch_size: 500,
             consumer_max_attempts: 5,
-            health_interval: Duration::from_millis(1000),
+            health_interval: Duration::from_secs(1),
         }
     }
 }

@@ -45,6 +45,7 @@ enum Command {
 
 /// The three services' databases.
 #[derive(clap::Args)]
+#[allow(clippy::struct_field_names)] // the field names are the flags: --orders-db, ...
 struct Databases {
     #[arg(
         long,
@@ -89,7 +90,7 @@ enum BrokerAction {
     Accept {
         #[command(flatten)]
         databases: Databases,
-        /// The services' consumer groups (their KAFKA_GROUP_ID).
+        /// The services' consumer groups (their `KAFKA_GROUP_ID`).
         #[arg(long, default_value = "order")]
         order_group: String,
         #[arg(long, default_value = "payment")]
