@@ -29,7 +29,7 @@ pub enum DbError {
 /// A lazily connecting pool: the service starts even while the database is
 /// down, reports `NOT_SERVING`, and recovers when it returns.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool, DbError> {
-    let options: PgConnectOptions = cfg.url.parse().map_err(DbError::Url)?;
+    let options: PgConnectOptions = cfg.url.expose().parse().map_err(DbError::Url)?;
     Ok(PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .min_connections(0)

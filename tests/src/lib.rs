@@ -222,7 +222,7 @@ impl Pipeline {
             ..test_pipeline_config()
         };
         let db = |url: &str| DbConfig {
-            url: url.to_owned(),
+            url: url.into(),
             max_connections: 5,
         };
         let kafka = |service: &str| KafkaConfig {
