@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{config::KafkaConfig, retry::Backoff};
 
-/// Header names of the event contract (see DESIGN.md, Contracts).
+/// Header names of the event contract (see README.md, "Contracts").
 pub mod header {
     pub const EVENT_TYPE: &str = "event-type";
     pub const EVENT_ID: &str = "event-id";
