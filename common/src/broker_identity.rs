@@ -9,7 +9,7 @@
 //! So each database records the cluster id at the service's first start
 //! (table `kafka_cluster`). At every later start [`verify`] compares it with
 //! the cluster id the broker reports, and a service that finds another
-//! cluster refuses to consume or relay: health NOT_SERVING, its API
+//! cluster refuses to consume or relay: health `NOT_SERVING`, its API
 //! UNAVAILABLE with the reason, a log line that says what to do; it waits
 //! for an operator's decision ([`accept`], run by `shopctl broker accept`).
 //! While running, [`watch`] checks again after reconnects; a change stops

@@ -15,6 +15,7 @@ pub struct Product {
 
 /// The products of the fixture. Panics on a malformed fixture: it is part
 /// of the binary, and a unit test parses it.
+#[must_use]
 pub fn products() -> Vec<Product> {
     CSV.lines()
         .skip(1)

@@ -3,7 +3,12 @@
 //! Every variable has a default that works on a developer machine started
 //! with `deploy/local/up.sh`; README.md lists them all.
 
-use std::{fmt::Display, str::FromStr, time::Duration};
+use std::{
+    convert::Infallible,
+    fmt::{self, Display},
+    str::FromStr,
+    time::Duration,
+};
 
 /// A variable was set to something that does not parse.
 #[derive(Debug, thiserror::Error)]
@@ -20,8 +25,23 @@ where
     T: FromStr,
     T::Err: Display,
 {
-    match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => {
+    var_from(|name| std::env::var(name).ok(), name, default)
+}
+
+/// [`var`] with the variables looked up by `lookup`, so that the parsing is
+/// tested without touching the process environment (which other threads
+/// read at the same time).
+fn var_from<T>(
+    lookup: impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    match lookup(name) {
+        Some(value) if !value.trim().is_empty() => {
             value.trim().parse().map_err(|e: T::Err| ConfigError {
                 name: name.to_owned(),
                 value,
@@ -37,11 +57,94 @@ pub fn millis(name: &str, default_ms: u64) -> Result<Duration, ConfigError> {
     var(name, default_ms).map(Duration::from_millis)
 }
 
+/// A PostgreSQL connection URL. It usually carries a password, so `Debug`
+/// and `Display` show it with the password replaced by `***`; only
+/// [`DatabaseUrl::expose`] gives the URL itself, to connect with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL with its password, for the connection and nothing else.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with the password (in the user info, or a `password`
+    /// query parameter) replaced by `***`. Anything that is not a URL is
+    /// hidden whole.
+    #[must_use]
+    pub fn redacted(&self) -> String {
+        let url = self.0.as_str();
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return "***".to_owned();
+        };
+        let (head, rest) = url.split_at(scheme_end);
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{user}:***@{host}"),
+                None => format!("{userinfo}@{host}"),
+            },
+            None => authority.to_owned(),
+        };
+        let path = match path.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                            format!("{key}=***")
+                        }
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => path.to_owned(),
+        };
+        format!("{head}{authority}{path}")
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({:?})", self.redacted())
+    }
+}
+
+impl Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = Infallible;
+
+    fn from_str(url: &str) -> Result<Self, Infallible> {
+        Ok(url.into())
+    }
+}
+
 /// PostgreSQL connection settings of one service.
 #[derive(Clone, Debug)]
 pub struct DbConfig {
     /// `DATABASE_URL`; the default names the service's own database.
-    pub url: String,
+    pub url: DatabaseUrl,
     /// `DATABASE_MAX_CONNECTIONS` (default 20).
     pub max_connections: u32,
 }
@@ -52,7 +155,7 @@ impl DbConfig {
         Ok(Self {
             url: var(
                 "DATABASE_URL",
-                format!("postgres://shop:shop@127.0.0.1:5432/{database}"),
+                format!("postgres://shop:shop@127.0.0.1:5432/{database}").into(),
             )?,
             max_connections: var("DATABASE_MAX_CONNECTIONS", 20)?,
         })
@@ -87,6 +190,7 @@ impl KafkaConfig {
     }
 
     /// The full name of one of the pipeline's topics.
+    #[must_use]
     pub fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.topic_prefix)
     }
@@ -133,7 +237,7 @@ impl Default for PipelineConfig {
             outbox_retention: Duration::from_secs(3600),
             consumer_batch_size: 500,
             consumer_max_attempts: 5,
-            health_interval: Duration::from_millis(1000),
+            health_interval: Duration::from_secs(1),
         }
     }
 }
@@ -144,13 +248,49 @@ mod tests {
 
     #[test]
     fn var_falls_back_and_reports_bad_values() {
-        // Unique names: tests run in parallel within one process.
-        assert_eq!(var("SHOP_TEST_UNSET_VAR", 7u32).unwrap(), 7);
-        unsafe { std::env::set_var("SHOP_TEST_BAD_VAR", "seven") };
-        let err = var("SHOP_TEST_BAD_VAR", 7u32).unwrap_err().to_string();
-        assert!(err.contains("SHOP_TEST_BAD_VAR"), "{err}");
-        unsafe { std::env::set_var("SHOP_TEST_GOOD_VAR", " 42 ") };
-        assert_eq!(var("SHOP_TEST_GOOD_VAR", 7u32).unwrap(), 42);
+        let env = |name: &str| match name {
+            "BAD" => Some("seven".to_owned()),
+            "GOOD" => Some(" 42 ".to_owned()),
+            "BLANK" => Some("  ".to_owned()),
+            _ => None,
+        };
+        assert_eq!(var_from(env, "UNSET", 7u32).unwrap(), 7);
+        assert_eq!(var_from(env, "BLANK", 7u32).unwrap(), 7);
+        assert_eq!(var_from(env, "GOOD", 7u32).unwrap(), 42);
+        let err = var_from(env, "BAD", 7u32).unwrap_err().to_string();
+        assert!(err.contains("BAD=\"seven\""), "{err}");
+    }
+
+    #[test]
+    fn database_url_hides_the_password() {
+        let cfg = DbConfig {
+            url: "postgres://shop:s3cret@db.internal:5432/orders?sslmode=require".into(),
+            max_connections: 5,
+        };
+        assert_eq!(
+            format!("{cfg:?}"),
+            "DbConfig { url: DatabaseUrl(\"postgres://shop:***@db.internal:5432/orders?sslmode=require\"), max_connections: 5 }"
+        );
+        assert_eq!(
+            cfg.url.to_string(),
+            "postgres://shop:***@db.internal:5432/orders?sslmode=require"
+        );
+        assert_eq!(
+            cfg.url.expose(),
+            "postgres://shop:s3cret@db.internal:5432/orders?sslmode=require"
+        );
+        let cases = [
+            ("postgres://shop@h/db", "postgres://shop@h/db"),
+            (
+                "postgres://h/db?password=pw&user=u",
+                "postgres://h/db?password=***&user=u",
+            ),
+            ("postgres://u:p@ss@h", "postgres://u:***@h"),
+            ("host=h password=pw", "***"),
+        ];
+        for (url, redacted) in cases {
+            assert_eq!(DatabaseUrl::from(url).redacted(), redacted);
+        }
     }
 
     #[test]

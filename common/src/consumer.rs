@@ -196,9 +196,9 @@ impl ConsumerContext for LoggingContext {
         offsets: &TopicPartitionList,
     ) {
         match result {
-            Ok(()) => {}
-            // Nothing was stored since the last commit.
-            Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            // NoOffset: nothing was stored since the last commit.
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => tracing::warn!(
                 error = %e,
                 partitions = offsets.count(),

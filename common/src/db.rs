@@ -27,9 +27,9 @@ pub enum DbError {
 }
 
 /// A lazily connecting pool: the service starts even while the database is
-/// down, reports NOT_SERVING, and recovers when it returns.
+/// down, reports `NOT_SERVING`, and recovers when it returns.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool, DbError> {
-    let options: PgConnectOptions = cfg.url.parse().map_err(DbError::Url)?;
+    let options: PgConnectOptions = cfg.url.expose().parse().map_err(DbError::Url)?;
     Ok(PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .min_connections(0)
@@ -78,6 +78,7 @@ fn combined(service: &Migrator) -> Migrator {
 /// True for errors that mean "the database cannot be reached right now"
 /// rather than "this statement is wrong": connection failures, pool
 /// timeouts, and server states such as shutdown or recovery.
+#[must_use]
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -97,6 +98,7 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 
 /// True for errors worth retrying on the same input: unavailability, plus
 /// serialization failures and deadlocks (SQLSTATE class 40).
+#[must_use]
 pub fn is_transient(e: &sqlx::Error) -> bool {
     is_unavailable(e)
         || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("40")))

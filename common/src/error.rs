@@ -7,7 +7,7 @@
 use tonic::Status;
 
 /// A request that cannot be served as sent; the message says why and is
-/// safe to show to the client (INVALID_ARGUMENT, HTTP 400).
+/// safe to show to the client (`INVALID_ARGUMENT`, HTTP 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Invalid(pub String);

@@ -14,8 +14,9 @@ use tonic_health::server::HealthReporter;
 /// `service` (e.g. `shop.order.v1.OrderService`); add that service to it.
 /// Reflection advertises only what this server serves, although the
 /// descriptor set describes every API. [`crate::service::Service::serve_grpc`]
-/// turns the reporter NOT_SERVING until [`crate::health::monitor`] has
+/// turns the reporter `NOT_SERVING` until [`crate::health::monitor`] has
 /// checked the dependencies.
+#[must_use]
 pub fn router(service: &str) -> (Router, HealthReporter) {
     let (reporter, health) = tonic_health::server::health_reporter();
     let advertised = [
@@ -134,6 +135,7 @@ pub type HttpTraceLayer = tower_http::trace::TraceLayer<
 type MakeHttpSpan = fn(&http::Request<axum::body::Body>) -> tracing::Span;
 
 /// See [`HttpTraceLayer`].
+#[must_use]
 pub fn http_trace_layer() -> HttpTraceLayer {
     tower_http::trace::TraceLayer::new_for_http()
         .make_span_with(http_request_span as MakeHttpSpan)

@@ -1,5 +1,5 @@
 //! `grpc.health.v1` status that follows the service's dependencies: SERVING
-//! while both the database and the broker answer, NOT_SERVING otherwise, for
+//! while both the database and the broker answer, `NOT_SERVING` otherwise, for
 //! the overall service ("") and each named gRPC service. Kubernetes gRPC
 //! probes and `grpc-health-probe` read it.
 
@@ -18,6 +18,7 @@ pub struct Dependencies {
 }
 
 impl Dependencies {
+    #[must_use]
     pub fn healthy(self) -> bool {
         self.database && self.broker
     }
@@ -49,7 +50,7 @@ pub async fn check(pool: &PgPool, producer: &FutureProducer, timeout: Duration) 
 
 /// Re-checks every `interval` until `shutdown`, updating `reporter` for ""
 /// and each of `services`; logs each change. On shutdown everything turns
-/// NOT_SERVING, for the health watchers still connected while in-flight
+/// `NOT_SERVING`, for the health watchers still connected while in-flight
 /// calls finish (the servers stop accepting on the same token).
 pub async fn monitor(
     pool: PgPool,

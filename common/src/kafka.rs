@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{config::KafkaConfig, retry::Backoff};
 
-/// Header names of the event contract (see DESIGN.md, Contracts).
+/// Header names of the event contract (see README.md, "Contracts").
 pub mod header {
     pub const EVENT_TYPE: &str = "event-type";
     pub const EVENT_ID: &str = "event-id";
@@ -39,6 +39,7 @@ pub enum KafkaError {
 }
 
 /// Settings shared by every client of this service.
+#[must_use]
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
@@ -64,6 +65,7 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
 }
 
 /// The headers of an event record: type, id and content type.
+#[must_use]
 pub fn event_headers(event_type: &str, event_id: &Uuid) -> OwnedHeaders {
     let id = event_id.to_string();
     OwnedHeaders::new()

@@ -170,6 +170,7 @@ pub struct Relay {
 }
 
 impl Relay {
+    #[must_use]
     pub fn new(pool: PgPool, producer: FutureProducer, cfg: &PipelineConfig) -> Self {
         Self {
             pool,
@@ -182,6 +183,7 @@ impl Relay {
     }
 
     /// A handle for writers to wake this relay after they commit.
+    #[must_use]
     pub fn notifier(&self) -> Notifier {
         self.notifier.clone()
     }

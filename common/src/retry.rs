@@ -13,6 +13,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    #[must_use]
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
             base,
@@ -28,11 +29,13 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        let millis = ceiling.as_millis() as u64;
+        // At most `max`; a ceiling beyond u64 milliseconds (584 million years) saturates.
+        let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
         Duration::from_millis(rand::rng().random_range(millis / 2..=millis.max(1)))
     }
 
     /// Attempts made so far.
+    #[must_use]
     pub fn attempts(&self) -> u32 {
         self.attempt
     }
@@ -51,7 +54,7 @@ impl Default for Backoff {
 /// The failures of a background loop (outbox relay, deadline sweeper, the
 /// consume loop's own bookkeeping) in a row. A dependency that is
 /// unreachable is waited out for as long as it takes, with backoff: that is
-/// what health NOT_SERVING reports. Any other error (a table gone, a
+/// what health `NOT_SERVING` reports. Any other error (a table gone, a
 /// database dropped, a permission revoked) will not cure itself: after
 /// [`Streak::LIMIT`] in a row the loop gives up, so that its service exits
 /// and its supervisor restarts it where someone will see it.
@@ -66,6 +69,7 @@ impl Streak {
     /// backoff in all).
     pub const LIMIT: u32 = 5;
 
+    #[must_use]
     pub fn new() -> Self {
         Self {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),

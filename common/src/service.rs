@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The ports open before the dependencies are waited for, so that probes
-//! get an answer (NOT_SERVING) rather than a refused connection.
+//! get an answer (`NOT_SERVING`) rather than a refused connection.
 //! [`Running::run`] hands every task to the [`Supervisor`]: a task that
 //! ends before shutdown stops the service with an error, which [`main`]
 //! turns into a non-zero exit.
@@ -89,7 +89,7 @@ impl StartError {
 
 /// Whether start-up has finished (migrations ran, the Kafka cluster is the
 /// expected one, topics exist, seed data loaded). Until then the service's
-/// API answers UNAVAILABLE and health is NOT_SERVING, although its ports are
+/// API answers UNAVAILABLE and health is `NOT_SERVING`, although its ports are
 /// open: probes get an answer. A service that refuses to run (another Kafka
 /// cluster, see [`crate::broker_identity`]) says why in that answer.
 #[derive(Clone, Debug, Default)]
@@ -99,6 +99,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    #[must_use]
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -199,22 +200,25 @@ impl Service {
     }
 
     /// Gate the service's API with this (see [`Readiness::interceptor`]).
+    #[must_use]
     pub fn readiness(&self) -> &Readiness {
         &self.readiness
     }
 
     /// Wakes the outbox relay; writers call it after they commit.
+    #[must_use]
     pub fn outbox(&self) -> Notifier {
         self.outbox.clone()
     }
 
     /// The service's shutdown token.
+    #[must_use]
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
     }
 
     /// Binds `addr` and serves health, reflection and what `add_api` adds
-    /// right away, NOT_SERVING until [`Service::ready`]. Returns the address
+    /// right away, `NOT_SERVING` until [`Service::ready`]. Returns the address
     /// bound (port 0 picks a free one).
     pub async fn serve_grpc(
         &mut self,
@@ -378,11 +382,13 @@ pub struct Running {
 
 impl Running {
     /// The gRPC address really bound.
+    #[must_use]
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }
 
     /// The REST address really bound, if the service has one.
+    #[must_use]
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }

@@ -3,7 +3,7 @@
 //!
 //! Every task has a name. Until the shutdown token fires, no task is
 //! supposed to end: one that returns (with or without an error) or panics
-//! makes the supervisor log why, turn health NOT_SERVING, cancel the token
+//! makes the supervisor log why, turn health `NOT_SERVING`, cancel the token
 //! so that the other tasks finish what they hold, and return
 //! [`TaskFailed`], which the binary turns into a non-zero exit so that its
 //! supervisor (systemd, Kubernetes) restarts it.
@@ -55,6 +55,7 @@ impl Default for Supervisor {
 }
 
 impl Supervisor {
+    #[must_use]
     pub fn new() -> Self {
         Self {
             front: JoinSet::new(),
@@ -66,7 +67,7 @@ impl Supervisor {
         }
     }
 
-    /// On a task's failure, turn these health statuses (and "") NOT_SERVING.
+    /// On a task's failure, turn these health statuses (and "") `NOT_SERVING`.
     pub fn report_to(&mut self, reporter: HealthReporter, services: Vec<String>) {
         self.health = Some((reporter, services));
     }
@@ -170,7 +171,7 @@ impl Supervisor {
             Err(e) => Err(TaskFailed {
                 task: name(&e.id()),
                 how: if e.is_panic() {
-                    format!("panicked: {}", panic_message(e.into_panic()))
+                    format!("panicked: {}", panic_message(&*e.into_panic()))
                 } else {
                     "was cancelled".to_owned()
                 },
@@ -179,7 +180,7 @@ impl Supervisor {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

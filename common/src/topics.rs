@@ -13,6 +13,7 @@ pub const INVENTORY: &str = "inventory";
 pub const ALL: [&str; 3] = [ORDERS, PAYMENTS, INVENTORY];
 
 /// The dead-letter topic of `topic`.
+#[must_use]
 pub fn dlq(topic: &str) -> String {
     format!("{topic}.dlq")
 }

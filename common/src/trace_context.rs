@@ -24,6 +24,7 @@ pub struct Carrier(HashMap<String, String>);
 
 impl Carrier {
     /// The context of `span`.
+    #[must_use]
     pub fn of(span: &tracing::Span) -> Self {
         let mut carrier = Self::default();
         let cx = span.context();
@@ -32,11 +33,13 @@ impl Carrier {
     }
 
     /// The context of the current span.
+    #[must_use]
     pub fn current() -> Self {
         Self::of(&tracing::Span::current())
     }
 
     /// From stored values (an outbox row).
+    #[must_use]
     pub fn from_parts(traceparent: Option<String>, tracestate: Option<String>) -> Self {
         let mut map = HashMap::new();
         if let Some(v) = traceparent {
@@ -57,11 +60,13 @@ impl Carrier {
     }
 
     /// The context these values describe (empty if none).
+    #[must_use]
     pub fn context(&self) -> Context {
         opentelemetry::global::get_text_map_propagator(|p| p.extract(self))
     }
 
     /// Adds `traceparent` (and `tracestate`) to Kafka record headers.
+    #[must_use]
     pub fn add_to(&self, mut headers: OwnedHeaders) -> OwnedHeaders {
         for key in [TRACEPARENT, TRACESTATE] {
             if let Some(value) = self.0.get(key) {

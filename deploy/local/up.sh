@@ -2,7 +2,9 @@
 # Sets up and runs the whole system on this machine, no containers:
 # PostgreSQL (Debian package) with the three databases, Apache Kafka 4.x in
 # KRaft mode (jars from Maven Central), the topics, the gRPC tools, then the
-# three services built in release mode. Safe to run again: what runs stays.
+# three services built in release mode. Safe to run again: PostgreSQL, Kafka and their data
+# stay as they are; the services are rebuilt, and any that run are stopped and restarted on
+# the new build.
 # Everything it keeps (database cluster, Kafka log, pids, logs) is under SHOP_STATE_DIR
 # (default .run/ of this clone).
 #

@@ -68,6 +68,7 @@ pub enum Decision {
 /// units available; otherwise reject, naming each unknown and each short
 /// product, e.g. `unknown product PROD999; out of stock: PROD020 (requested
 /// 5, available 3)`. `available` holds the units of the known products.
+#[must_use]
 pub fn decide(lines: &[Line], available: &BTreeMap<String, i64>) -> Decision {
     let mut unknown = Vec::new();
     let mut short = Vec::new();
@@ -112,6 +113,7 @@ pub enum Status {
 }
 
 impl Status {
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Reserved => "RESERVED",

@@ -39,12 +39,12 @@ pub async fn seed_stock(pool: &PgPool) -> sqlx::Result<()> {
 
 /// One product's stock, if the product is known.
 pub async fn get_stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
-    let row: Option<(String, i64, i64)> =
+    let row: Option<StockRow> =
         sqlx::query_as("SELECT product_id, available, reserved FROM stock WHERE product_id = $1")
             .bind(product_id)
             .fetch_optional(pool)
             .await?;
-    Ok(row.map(to_stock))
+    Ok(row.map(Stock::from))
 }
 
 /// Sets the units available (creating the row for a new product); what is
@@ -56,7 +56,7 @@ pub async fn set_stock(pool: &PgPool, product_id: &str, available: i64) -> sqlx:
             .bind(product_id)
             .fetch_optional(&mut *tx)
             .await?;
-    let row: (String, i64, i64) = sqlx::query_as(
+    let row: StockRow = sqlx::query_as(
         "INSERT INTO stock (product_id, available) VALUES ($1, $2)
          ON CONFLICT (product_id) DO UPDATE SET available = EXCLUDED.available, updated_at = now()
          RETURNING product_id, available, reserved",
@@ -76,14 +76,24 @@ pub async fn set_stock(pool: &PgPool, product_id: &str, available: i64) -> sqlx:
         .await?;
     }
     tx.commit().await?;
-    Ok(to_stock(row))
+    Ok(row.into())
 }
 
-fn to_stock((product_id, available, reserved): (String, i64, i64)) -> Stock {
-    Stock {
-        product_id,
-        available,
-        reserved,
+/// A `stock` row, without its timestamp.
+#[derive(sqlx::FromRow)]
+struct StockRow {
+    product_id: String,
+    available: i64,
+    reserved: i64,
+}
+
+impl From<StockRow> for Stock {
+    fn from(row: StockRow) -> Self {
+        Stock {
+            product_id: row.product_id,
+            available: row.available,
+            reserved: row.reserved,
+        }
     }
 }
 
@@ -103,14 +113,24 @@ pub async fn lock_stock(
     conn: &mut PgConnection,
     product_ids: &[&str],
 ) -> sqlx::Result<BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
+    let rows: Vec<Available> = sqlx::query_as(
         "SELECT product_id, available FROM stock WHERE product_id = ANY($1)
          ORDER BY product_id FOR UPDATE",
     )
     .bind(product_ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.product_id, row.available))
+        .collect())
+}
+
+/// The units of one product available to reserve.
+#[derive(sqlx::FromRow)]
+struct Available {
+    product_id: String,
+    available: i64,
 }
 
 /// Moves `lines` from available to reserved (`sign` 1) or back (`sign`

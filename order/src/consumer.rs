@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::domain::{Decision, Outcome, decide};
+use crate::domain::{Decision, InventoryStatus, Outcome, PaymentStatus, Status, decide};
 
 /// The events order acts on, from topics `payments` and `inventory`.
 #[derive(Clone, Debug)]
@@ -105,14 +105,38 @@ enum Side {
     Inventory,
 }
 
-type SagaRow = (
-    String,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    String,
-);
+/// What the saga needs of an `orders` row.
+#[derive(sqlx::FromRow)]
+struct SagaRow {
+    customer_id: String,
+    status: Status,
+    payment_status: Option<PaymentStatus>,
+    payment_reason: String,
+    inventory_status: Option<InventoryStatus>,
+    inventory_reason: String,
+}
+
+impl SagaRow {
+    /// What payment reported, if it has.
+    fn payment(&self) -> Option<Outcome> {
+        self.payment_status.map(|s| match s {
+            PaymentStatus::Approved => Outcome::Ok,
+            PaymentStatus::Declined | PaymentStatus::Refunded => {
+                Outcome::Failed(self.payment_reason.clone())
+            }
+        })
+    }
+
+    /// What inventory reported, if it has.
+    fn inventory(&self) -> Option<Outcome> {
+        self.inventory_status.map(|s| match s {
+            InventoryStatus::Reserved => Outcome::Ok,
+            InventoryStatus::Rejected | InventoryStatus::Released => {
+                Outcome::Failed(self.inventory_reason.clone())
+            }
+        })
+    }
+}
 
 impl SagaHandler {
     /// Records one side's result (the first report wins) and, if the order
@@ -145,62 +169,60 @@ impl SagaHandler {
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((customer_id, status, mut pay, mut pay_reason, mut inv, mut inv_reason)) = row
-        else {
+        let Some(mut row) = row else {
             return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
         };
-        let (stored, reason) = match outcome {
-            Outcome::Ok => (
-                match side {
-                    Side::Payment => "APPROVED",
-                    Side::Inventory => "RESERVED",
-                },
-                String::new(),
-            ),
-            Outcome::Failed(r) => (
-                match side {
-                    Side::Payment => "DECLINED",
-                    Side::Inventory => "REJECTED",
-                },
-                r,
-            ),
+        let (ok, reason) = match outcome {
+            Outcome::Ok => (true, String::new()),
+            Outcome::Failed(r) => (false, r),
         };
-        let (update, slot, slot_reason) = match side {
-            Side::Payment => (
-                "UPDATE orders SET payment_status = $2, payment_reason = $3, updated_at = now() WHERE order_id = $1",
-                &mut pay,
-                &mut pay_reason,
-            ),
-            Side::Inventory => (
-                "UPDATE orders SET inventory_status = $2, inventory_reason = $3, updated_at = now() WHERE order_id = $1",
-                &mut inv,
-                &mut inv_reason,
-            ),
-        };
-        if slot.is_some() {
-            return Ok(()); // already reported (a different event for the same result)
+        match side {
+            Side::Payment => {
+                if row.payment_status.is_some() {
+                    return Ok(()); // already reported (a different event for the same result)
+                }
+                let stored = if ok {
+                    PaymentStatus::Approved
+                } else {
+                    PaymentStatus::Declined
+                };
+                sqlx::query(
+                    "UPDATE orders SET payment_status = $2, payment_reason = $3, updated_at = now() WHERE order_id = $1",
+                )
+                .bind(id)
+                .bind(stored)
+                .bind(&reason)
+                .execute(&mut *conn)
+                .await?;
+                row.payment_status = Some(stored);
+                row.payment_reason = reason;
+            }
+            Side::Inventory => {
+                if row.inventory_status.is_some() {
+                    return Ok(()); // already reported (a different event for the same result)
+                }
+                let stored = if ok {
+                    InventoryStatus::Reserved
+                } else {
+                    InventoryStatus::Rejected
+                };
+                sqlx::query(
+                    "UPDATE orders SET inventory_status = $2, inventory_reason = $3, updated_at = now() WHERE order_id = $1",
+                )
+                .bind(id)
+                .bind(stored)
+                .bind(&reason)
+                .execute(&mut *conn)
+                .await?;
+                row.inventory_status = Some(stored);
+                row.inventory_reason = reason;
+            }
         }
-        *slot = Some(stored.to_owned());
-        *slot_reason = reason.clone();
-        sqlx::query(update)
-            .bind(id)
-            .bind(stored)
-            .bind(&reason)
-            .execute(&mut *conn)
-            .await?;
-        if status != "PENDING" {
+        if row.status != Status::Pending {
             return Ok(()); // decided already (timed out); compensation is under way
         }
-        let as_outcome = |s: &Option<String>, r: &str| {
-            s.as_deref().map(|s| match s {
-                "APPROVED" | "RESERVED" => Outcome::Ok,
-                _ => Outcome::Failed(r.to_owned()),
-            })
-        };
-        let decision = decide(
-            as_outcome(&pay, &pay_reason).as_ref(),
-            as_outcome(&inv, &inv_reason).as_ref(),
-        );
+        let decision = decide(row.payment().as_ref(), row.inventory().as_ref());
+        let customer_id = row.customer_id;
         match decision {
             Decision::Wait => Ok(()),
             Decision::Confirm => {

@@ -9,7 +9,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::consumer::cancel;
+use crate::{
+    consumer::cancel,
+    domain::{InventoryStatus, PaymentStatus},
+};
 
 /// Cancels PENDING orders past their deadline, in batches, until
 /// `shutdown`. An unreachable database is waited out; any other error that
@@ -59,8 +62,8 @@ pub async fn sweep_deadlines(
 struct Expired {
     order_id: Uuid,
     customer_id: String,
-    payment_status: Option<String>,
-    inventory_status: Option<String>,
+    payment_status: Option<PaymentStatus>,
+    inventory_status: Option<InventoryStatus>,
 }
 
 /// One batch of expired orders; returns how many were cancelled.
@@ -80,11 +83,11 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str) -> sqlx::Result<usize
         .into_iter()
         .map(|o| {
             let missing: Vec<&str> = [
-                ("payment", o.payment_status),
-                ("inventory", o.inventory_status),
+                ("payment", o.payment_status.is_none()),
+                ("inventory", o.inventory_status.is_none()),
             ]
             .into_iter()
-            .filter(|(_, s)| s.is_none())
+            .filter(|&(_, missing)| missing)
             .map(|(name, _)| name)
             .collect();
             (

@@ -153,31 +153,35 @@ pub fn price(
     Ok((lines, currency.unwrap_or("USD").to_owned(), total))
 }
 
-/// Order status as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Order status as stored (a TEXT column with a CHECK on these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
     Pending,
     Confirmed,
     Cancelled,
 }
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "PENDING",
-            Status::Confirmed => "CONFIRMED",
-            Status::Cancelled => "CANCELLED",
-        }
-    }
+/// What order recorded of payment's result (`orders.payment_status`, NULL
+/// until payment reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentStatus {
+    Approved,
+    Declined,
+    /// Approved, then refunded after the order was cancelled.
+    Refunded,
+}
 
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "PENDING" => Some(Status::Pending),
-            "CONFIRMED" => Some(Status::Confirmed),
-            "CANCELLED" => Some(Status::Cancelled),
-            _ => None,
-        }
-    }
+/// What order recorded of inventory's result (`orders.inventory_status`,
+/// NULL until inventory reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InventoryStatus {
+    Reserved,
+    Rejected,
+    /// Reserved, then released after the order was cancelled.
+    Released,
 }
 
 /// What a side reported: success, or failure with a reason.
@@ -197,6 +201,7 @@ pub enum Decision {
 
 /// Confirmed when payment is approved and stock reserved; cancelled as soon
 /// as either fails (the other side is compensated through `OrderCancelled`).
+#[must_use]
 pub fn decide(payment: Option<&Outcome>, inventory: Option<&Outcome>) -> Decision {
     let mut reasons = Vec::new();
     if let Some(Outcome::Failed(r)) = payment {

@@ -1,5 +1,5 @@
 //! The REST/JSON shim: the original system's routes, canonical proto3 JSON
-//! (pbjson; snake_case and lowerCamelCase both accepted), and errors as
+//! (pbjson; `snake_case` and lowerCamelCase both accepted), and errors as
 //! `{code, message, details}` with grpc-gateway's status mapping.
 
 use axum::{

@@ -45,14 +45,28 @@ pub async fn seed_catalog(pool: &PgPool) -> sqlx::Result<()> {
 
 /// The whole catalog (it is small and read on every order).
 pub async fn load_catalog(pool: &PgPool) -> sqlx::Result<BTreeMap<String, Price>> {
-    let rows: Vec<(String, String, i64)> =
+    let rows: Vec<ProductRow> =
         sqlx::query_as("SELECT product_id, currency, price_units FROM products")
             .fetch_all(pool)
             .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, currency, units)| (id, Price { currency, units }))
+        .map(|p| {
+            let price = Price {
+                currency: p.currency,
+                units: p.price_units,
+            };
+            (p.product_id, price)
+        })
         .collect())
+}
+
+/// A `products` row, without the display name.
+#[derive(sqlx::FromRow)]
+struct ProductRow {
+    product_id: String,
+    currency: String,
+    price_units: i64,
 }
 
 /// An order to insert, already validated and priced.
@@ -102,7 +116,9 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
             .await?
             .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
     };
-    let line_nos: Vec<i32> = (1..=new.lines.len() as i32).collect();
+    // validate() caps an order at MAX_LINES lines, far below i32::MAX.
+    let line_count = i32::try_from(new.lines.len()).expect("line count fits in i32");
+    let line_nos: Vec<i32> = (1..=line_count).collect();
     let products: Vec<&str> = new.lines.iter().map(|l| l.product_id.as_str()).collect();
     let quantities: Vec<i32> = new.lines.iter().map(|l| l.quantity).collect();
     let prices: Vec<i64> = new.lines.iter().map(|l| l.unit_price).collect();
@@ -146,7 +162,7 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
         OrderRow {
             order_id,
             customer_id: new.customer_id.to_owned(),
-            status: Status::Pending.as_str().to_owned(),
+            status: Status::Pending,
             reason: String::new(),
             currency: new.currency.to_owned(),
             total: new.total,
@@ -155,7 +171,11 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
         },
         new.lines
             .iter()
-            .map(|l| (l.product_id.clone(), l.quantity, l.unit_price))
+            .map(|l| ItemRow {
+                product_id: l.product_id.clone(),
+                quantity: l.quantity,
+                unit_price_units: l.unit_price,
+            })
             .collect(),
     ))
 }
@@ -165,21 +185,28 @@ async fn by_idempotency_key(
     key: &str,
     hash: &[u8],
 ) -> Result<Option<Order>, OrderError> {
-    let found: Option<(Uuid, Option<Vec<u8>>)> =
+    let found: Option<KeyedRow> =
         sqlx::query_as("SELECT order_id, request_hash FROM orders WHERE idempotency_key = $1")
             .bind(key)
             .fetch_optional(pool)
             .await?;
     match found {
         None => Ok(None),
-        Some((_, stored)) if stored.as_deref() != Some(hash) => {
+        Some(row) if row.request_hash.as_deref() != Some(hash) => {
             Err(OrderError::IdempotencyConflict(key.to_owned()))
         }
-        Some((order_id, _)) => {
+        Some(row) => {
             let mut conn = pool.acquire().await?;
-            Ok(load(&mut conn, order_id).await?)
+            Ok(load(&mut conn, row.order_id).await?)
         }
     }
+}
+
+/// The order an idempotency key names, and the hash of its request.
+#[derive(sqlx::FromRow)]
+struct KeyedRow {
+    order_id: Uuid,
+    request_hash: Option<Vec<u8>>,
 }
 
 /// An `orders` row.
@@ -187,7 +214,7 @@ async fn by_idempotency_key(
 struct OrderRow {
     order_id: Uuid,
     customer_id: String,
-    status: String,
+    status: Status,
     reason: String,
     currency: String,
     #[sqlx(rename = "total_units")]
@@ -208,7 +235,7 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Optio
     let Some(row) = row else {
         return Ok(None);
     };
-    let items: Vec<(String, i32, i64)> = sqlx::query_as(
+    let items: Vec<ItemRow> = sqlx::query_as(
         "SELECT product_id, quantity, unit_price_units FROM order_items
          WHERE order_id = $1 ORDER BY line_no",
     )
@@ -218,33 +245,40 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Optio
     Ok(Some(to_proto(row, items)))
 }
 
-/// The API view of an order row and its `(product, quantity, unit price)` items.
-fn to_proto(row: OrderRow, items: Vec<(String, i32, i64)>) -> Order {
+/// An `order_items` row, without the order id and line number.
+#[derive(sqlx::FromRow)]
+struct ItemRow {
+    product_id: String,
+    quantity: i32,
+    unit_price_units: i64,
+}
+
+/// The API view of an order row and its items.
+fn to_proto(row: OrderRow, items: Vec<ItemRow>) -> Order {
     let money = |units| Money {
         currency: row.currency.clone(),
         units,
     };
-    let status = match Status::parse(&row.status) {
-        Some(Status::Pending) => OrderStatus::Pending,
-        Some(Status::Confirmed) => OrderStatus::Confirmed,
-        Some(Status::Cancelled) => OrderStatus::Cancelled,
-        None => OrderStatus::Unspecified,
+    let status = match row.status {
+        Status::Pending => OrderStatus::Pending,
+        Status::Confirmed => OrderStatus::Confirmed,
+        Status::Cancelled => OrderStatus::Cancelled,
     };
     Order {
         order_id: row.order_id.to_string(),
-        customer_id: row.customer_id.clone(),
+        customer_id: row.customer_id,
         items: items
             .into_iter()
-            .map(|(product_id, quantity, unit)| OrderItem {
-                product_id,
-                quantity,
-                unit_price: Some(money(unit)),
-                line_total: Some(money(unit * i64::from(quantity))),
+            .map(|item| OrderItem {
+                product_id: item.product_id,
+                quantity: item.quantity,
+                unit_price: Some(money(item.unit_price_units)),
+                line_total: Some(money(item.unit_price_units * i64::from(item.quantity))),
             })
             .collect(),
         total: Some(money(row.total)),
         status: status as i32,
-        reason: row.reason.clone(),
+        reason: row.reason,
         created_at: Some(to_timestamp(row.created_at)),
         updated_at: Some(to_timestamp(row.updated_at)),
     }

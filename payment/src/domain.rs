@@ -28,6 +28,7 @@ pub struct Credit {
 
 impl Credit {
     /// The account of a customer seen for the first time.
+    #[must_use]
     pub fn new(defaults: &AccountDefaults) -> Self {
         Self {
             currency: defaults.currency.clone(),
@@ -38,6 +39,7 @@ impl Credit {
 
     /// `limit - used`, as is: negative when the limit was lowered below what
     /// is already in use (clamping it would make the books disagree).
+    #[must_use]
     pub fn available(&self) -> i64 {
         self.limit.saturating_sub(self.used)
     }
@@ -53,6 +55,7 @@ pub enum Decision {
 /// Approves iff the order is in the account's currency, its amount is not
 /// negative, and `used + amount <= limit` (overflow counts as not fitting).
 /// A decline says why.
+#[must_use]
 pub fn decide(credit: &Credit, amount: i64, currency: &str) -> Decision {
     if currency != credit.currency {
         return Decision::Decline(format!(
@@ -79,6 +82,7 @@ pub fn decide(credit: &Credit, amount: i64, currency: &str) -> Decision {
 /// Credit in use after refunding `amount`; `None` if that would go below
 /// zero, which means the books are already wrong (`used` is the sum of the
 /// approved payments).
+#[must_use]
 pub fn release(used: i64, amount: i64) -> Option<i64> {
     used.checked_sub(amount).filter(|u| *u >= 0 && amount >= 0)
 }
@@ -112,6 +116,7 @@ pub fn validate_limit(limit: Option<&Money>, account_currency: &str) -> Result<i
 }
 
 /// `1999 USD`: minor units and currency code.
+#[must_use]
 pub fn money_text(units: i64, currency: &str) -> String {
     format!("{units} {currency}")
 }
@@ -127,6 +132,7 @@ pub enum Status {
 }
 
 impl Status {
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Approved => "APPROVED",

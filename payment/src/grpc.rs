@@ -22,7 +22,7 @@ pub struct PaymentGrpc {
 }
 
 impl PaymentGrpc {
-    /// NOT_FOUND until the order has been processed; INVALID_ARGUMENT if
+    /// `NOT_FOUND` until the order has been processed; `INVALID_ARGUMENT` if
     /// `order_id` is not a UUID.
     pub async fn payment(&self, order_id: &str) -> Result<Payment, PaymentError> {
         let id = Uuid::parse_str(order_id.trim())

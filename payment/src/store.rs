@@ -111,6 +111,7 @@ pub async fn set_credit_limit(
 }
 
 /// An account as the API shows it: limit, used, and `limit - used`.
+#[must_use]
 pub fn account_view(customer_id: &str, credit: &Credit) -> Account {
     let money = |units| {
         Some(Money {

@@ -37,6 +37,7 @@ pub struct ServiceDb {
 }
 
 /// The three services as `shopctl` is told about them.
+#[must_use]
 pub fn services(
     orders: PgPool,
     payments: PgPool,

@@ -12,6 +12,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer},
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
+    metadata::MetadataPartition,
     producer::{FutureProducer, FutureRecord},
 };
 use serde::Serialize;
@@ -91,7 +92,7 @@ pub async fn replay(cfg: &KafkaConfig, topic: &str, group: &str) -> anyhow::Resu
         .topics()
         .iter()
         .filter(|t| t.name() == dlq && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .flat_map(|t| t.partitions().iter().map(MetadataPartition::id))
         .collect();
     let producer: FutureProducer = kafka::producer(cfg)?;
     let mut replayed = 0;

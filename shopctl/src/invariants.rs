@@ -103,6 +103,7 @@ pub struct Report {
 }
 
 impl Report {
+    #[must_use]
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
@@ -139,20 +140,60 @@ fn push_grouped(v: &mut Vec<String>, what: &str, mut items: Vec<String>) {
 
 // --- rows ------------------------------------------------------------------
 
+/// A status column: TEXT with a CHECK on these names, decoded by sqlx and
+/// shown (in the report) by its stored name.
+macro_rules! status {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+        #[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+        enum $name {
+            $($variant),*
+        }
+
+        impl $name {
+            fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+status!(
+    /// `orders.status`.
+    OrderStatus { Pending => "PENDING", Confirmed => "CONFIRMED", Cancelled => "CANCELLED" }
+);
+status!(
+    /// `payments.status`, and what order recorded of it.
+    PaymentStatus { Approved => "APPROVED", Declined => "DECLINED", Refunded => "REFUNDED" }
+);
+status!(
+    /// `reservations.status`, and what order recorded of it.
+    ReservationStatus { Reserved => "RESERVED", Rejected => "REJECTED", Released => "RELEASED" }
+);
+
 #[derive(sqlx::FromRow)]
 struct OrderRow {
     order_id: Uuid,
-    status: String,
+    status: OrderStatus,
     total_units: i64,
     /// What order recorded from payment and inventory (NULL until told).
-    payment_status: Option<String>,
-    inventory_status: Option<String>,
+    payment_status: Option<PaymentStatus>,
+    inventory_status: Option<ReservationStatus>,
 }
 
 #[derive(sqlx::FromRow)]
 struct PaymentRow {
     order_id: Uuid,
-    status: String,
+    status: PaymentStatus,
     amount_units: i64,
     reason: String,
 }
@@ -161,21 +202,22 @@ impl PaymentRow {
     /// The row payment writes when an order's cancellation overtakes its
     /// creation. It publishes nothing, so order never hears of it.
     fn is_early_cancellation(&self) -> bool {
-        self.status == "DECLINED" && self.reason == saga::CANCELLED_BEFORE_PAYMENT
+        self.status == PaymentStatus::Declined && self.reason == saga::CANCELLED_BEFORE_PAYMENT
     }
 }
 
 #[derive(sqlx::FromRow)]
 struct ReservationRow {
     order_id: Uuid,
-    status: String,
+    status: ReservationStatus,
     reason: String,
 }
 
 impl ReservationRow {
     /// Inventory's counterpart of [`PaymentRow::is_early_cancellation`].
     fn is_early_cancellation(&self) -> bool {
-        self.status == "REJECTED" && self.reason == saga::CANCELLED_BEFORE_RESERVATION
+        self.status == ReservationStatus::Rejected
+            && self.reason == saga::CANCELLED_BEFORE_RESERVATION
     }
 }
 
@@ -367,29 +409,29 @@ fn orders_and_money(s: &State, r: &mut Report) {
     let (f, v) = (&mut r.figures, &mut r.violations);
     f.orders = count(s.orders.len());
     for o in &s.orders {
-        match o.status.as_str() {
-            "CONFIRMED" => {
+        match o.status {
+            OrderStatus::Confirmed => {
                 f.confirmed += 1;
                 f.confirmed_total_units += o.total_units;
             }
-            "CANCELLED" => f.cancelled += 1,
-            _ => {
+            OrderStatus::Cancelled => f.cancelled += 1,
+            OrderStatus::Pending => {
                 f.pending += 1;
                 v.push(format!("order {} is still {}", o.order_id, o.status));
             }
         }
     }
     for p in &s.payments {
-        match p.status.as_str() {
-            "APPROVED" => f.charged_units += p.amount_units,
-            "REFUNDED" => f.refunded_payments += 1,
-            _ => {}
+        match p.status {
+            PaymentStatus::Approved => f.charged_units += p.amount_units,
+            PaymentStatus::Refunded => f.refunded_payments += 1,
+            PaymentStatus::Declined => {}
         }
     }
     f.released_reservations = count(
         s.reservations
             .iter()
-            .filter(|r| r.status == "RELEASED")
+            .filter(|r| r.status == ReservationStatus::Released)
             .count(),
     );
     if s.credit_in_use != f.charged_units {
@@ -432,26 +474,26 @@ fn sides_agree(s: &State, r: &mut Report) {
         let id = o.order_id;
         let payment = payments.get(&id).copied();
         let reservation = reservations.get(&id).copied();
-        match o.status.as_str() {
-            "CONFIRMED" => {
+        match o.status {
+            OrderStatus::Confirmed => {
                 let paid = payment.map(|p| (p.status.as_str(), p.amount_units));
-                if paid != Some(("APPROVED", o.total_units)) {
+                if paid != Some((PaymentStatus::Approved.as_str(), o.total_units)) {
                     v.push(format!("confirmed order {id} has payment {paid:?}"));
                 }
                 let reserved = reservation.map(|r| r.status.as_str());
-                if reserved != Some("RESERVED") {
+                if reserved != Some(ReservationStatus::Reserved.as_str()) {
                     v.push(format!("confirmed order {id} has reservation {reserved:?}"));
                 }
             }
-            "CANCELLED" => {
-                if payment.is_some_and(|p| p.status == "APPROVED") {
+            OrderStatus::Cancelled => {
+                if payment.is_some_and(|p| p.status == PaymentStatus::Approved) {
                     v.push(format!("cancelled order {id} is still charged"));
                 }
-                if reservation.is_some_and(|r| r.status == "RESERVED") {
+                if reservation.is_some_and(|r| r.status == ReservationStatus::Reserved) {
                     v.push(format!("cancelled order {id} still holds stock"));
                 }
             }
-            _ => continue, // undecided: reported above, the rest may follow
+            OrderStatus::Pending => continue, // undecided: reported above, the rest may follow
         }
 
         // Order records the first result of each side and then the
@@ -463,13 +505,13 @@ fn sides_agree(s: &State, r: &mut Report) {
             (
                 "payment",
                 "payments",
-                o.payment_status.as_deref(),
+                o.payment_status.map(PaymentStatus::as_str),
                 payment.map(|p| (p.status.as_str(), p.is_early_cancellation())),
             ),
             (
                 "inventory",
                 "reservations",
-                o.inventory_status.as_deref(),
+                o.inventory_status.map(ReservationStatus::as_str),
                 reservation.map(|r| (r.status.as_str(), r.is_early_cancellation())),
             ),
         ];
@@ -599,36 +641,38 @@ fn state_implies_events(s: &State, published: &Published, r: &mut Report) {
     };
     for o in &s.orders {
         need("orders", o.order_id, Fact::OrderCreated);
-        match o.status.as_str() {
-            "CONFIRMED" => need("CONFIRMED orders", o.order_id, Fact::OrderConfirmed),
-            "CANCELLED" => need("CANCELLED orders", o.order_id, Fact::OrderCancelled),
-            _ => {}
+        match o.status {
+            OrderStatus::Confirmed => need("CONFIRMED orders", o.order_id, Fact::OrderConfirmed),
+            OrderStatus::Cancelled => need("CANCELLED orders", o.order_id, Fact::OrderCancelled),
+            OrderStatus::Pending => {}
         }
     }
     for p in &s.payments {
-        match p.status.as_str() {
-            "APPROVED" => need("APPROVED payments", p.order_id, Fact::PaymentApproved),
-            "DECLINED" if !p.is_early_cancellation() => {
+        match p.status {
+            PaymentStatus::Approved => need("APPROVED payments", p.order_id, Fact::PaymentApproved),
+            PaymentStatus::Declined if !p.is_early_cancellation() => {
                 need("DECLINED payments", p.order_id, Fact::PaymentDeclined);
             }
-            "REFUNDED" => {
+            PaymentStatus::Refunded => {
                 need("REFUNDED payments", p.order_id, Fact::PaymentApproved);
                 need("REFUNDED payments", p.order_id, Fact::PaymentRefunded);
             }
-            _ => {}
+            PaymentStatus::Declined => {}
         }
     }
     for res in &s.reservations {
-        match res.status.as_str() {
-            "RESERVED" => need("RESERVED reservations", res.order_id, Fact::StockReserved),
-            "REJECTED" if !res.is_early_cancellation() => {
+        match res.status {
+            ReservationStatus::Reserved => {
+                need("RESERVED reservations", res.order_id, Fact::StockReserved);
+            }
+            ReservationStatus::Rejected if !res.is_early_cancellation() => {
                 need("REJECTED reservations", res.order_id, Fact::StockRejected);
             }
-            "RELEASED" => {
+            ReservationStatus::Released => {
                 need("RELEASED reservations", res.order_id, Fact::StockReserved);
                 need("RELEASED reservations", res.order_id, Fact::StockReleased);
             }
-            _ => {}
+            ReservationStatus::Rejected => {}
         }
     }
     for (what, ids) in missing {

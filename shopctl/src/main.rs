@@ -43,24 +43,29 @@ enum Command {
     },
 }
 
-/// The three services' databases.
+/// The three services' databases. `--help` shows the local defaults but
+/// never the URLs set in the environment: they carry passwords.
 #[derive(clap::Args)]
+#[allow(clippy::struct_field_names)] // the field names are the flags: --orders-db, ...
 struct Databases {
     #[arg(
         long,
         env = "ORDERS_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://shop:shop@127.0.0.1:5432/orders"
     )]
     orders_db: String,
     #[arg(
         long,
         env = "PAYMENTS_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://shop:shop@127.0.0.1:5432/payments"
     )]
     payments_db: String,
     #[arg(
         long,
         env = "INVENTORY_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://shop:shop@127.0.0.1:5432/inventory"
     )]
     inventory_db: String,
@@ -89,7 +94,7 @@ enum BrokerAction {
     Accept {
         #[command(flatten)]
         databases: Databases,
-        /// The services' consumer groups (their KAFKA_GROUP_ID).
+        /// The services' consumer groups (their `KAFKA_GROUP_ID`).
         #[arg(long, default_value = "order")]
         order_group: String,
         #[arg(long, default_value = "payment")]

@@ -26,16 +26,19 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The server's admin URL (a database tests may connect to in order to
 /// create their own).
+#[must_use]
 pub fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://shop:shop@127.0.0.1:5432/postgres".to_owned())
 }
 
+#[must_use]
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
 
 /// A short unique id for names of databases, topics and groups.
+#[must_use]
 pub fn unique_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
 }
@@ -55,6 +58,7 @@ pub async fn create_database(name: String) -> String {
 }
 
 /// Pipeline settings tuned for tests: quick health checks and relay polls.
+#[must_use]
 pub fn test_pipeline_config() -> PipelineConfig {
     PipelineConfig {
         outbox_poll_interval: Duration::from_millis(50),
@@ -64,6 +68,7 @@ pub fn test_pipeline_config() -> PipelineConfig {
 }
 
 /// Kafka settings for one test: its own topic prefix and group names.
+#[must_use]
 pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
     KafkaConfig {
         brokers: brokers(),
@@ -75,11 +80,13 @@ pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
 }
 
 /// A single-product order in the original system's shape.
+#[must_use]
 pub fn order_request(customer: &str, product: &str, quantity: i32) -> CreateOrderRequest {
     keyed_order_request(customer, product, quantity, "")
 }
 
 /// The same with an idempotency key (empty: none).
+#[must_use]
 pub fn keyed_order_request(
     customer: &str,
     product: &str,
@@ -96,6 +103,7 @@ pub fn keyed_order_request(
 }
 
 /// A loopback address with a free port, for a service run as a process.
+#[must_use]
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -190,27 +198,24 @@ impl Pipeline {
         common::telemetry::init_for_tests();
         let shutdown = CancellationToken::new();
         let brokers = options.brokers.clone().unwrap_or_else(brokers);
-        let (id, urls) = match &options.reuse {
-            Some(id) => {
-                let (base, _) = admin_url()
-                    .rsplit_once('/')
-                    .map(|(b, d)| (b.to_owned(), d.to_owned()))
-                    .expect("URL has a database");
-                let url = |db: &str| format!("{base}/t_{id}_{db}");
-                (
-                    id.clone(),
-                    (url("orders"), url("payments"), url("inventory")),
-                )
-            }
-            None => {
-                let id = unique_id();
-                let urls = tokio::join!(
-                    create_database(format!("t_{id}_orders")),
-                    create_database(format!("t_{id}_payments")),
-                    create_database(format!("t_{id}_inventory")),
-                );
-                (id, urls)
-            }
+        let (id, urls) = if let Some(id) = &options.reuse {
+            let (base, _) = admin_url()
+                .rsplit_once('/')
+                .map(|(b, d)| (b.to_owned(), d.to_owned()))
+                .expect("URL has a database");
+            let url = |db: &str| format!("{base}/t_{id}_{db}");
+            (
+                id.clone(),
+                (url("orders"), url("payments"), url("inventory")),
+            )
+        } else {
+            let id = unique_id();
+            let urls = tokio::join!(
+                create_database(format!("t_{id}_orders")),
+                create_database(format!("t_{id}_payments")),
+                create_database(format!("t_{id}_inventory")),
+            );
+            (id, urls)
         };
         let (orders_url, payments_url, inventory_url) = urls;
         let pipeline_config = || PipelineConfig {
@@ -218,7 +223,7 @@ impl Pipeline {
             ..test_pipeline_config()
         };
         let db = |url: &str| DbConfig {
-            url: url.to_owned(),
+            url: url.into(),
             max_connections: 5,
         };
         let kafka = |service: &str| KafkaConfig {
@@ -285,16 +290,17 @@ impl Pipeline {
     /// a service of this pipeline stopped (start-up error or failure).
     pub async fn wait_serving(&self, addr: SocketAddr) {
         eventually(&format!("{addr} to report SERVING"), || async {
-            if let Some(done) = self.tasks.iter().find(|t| t.is_finished()) {
-                let _ = done;
-                panic!("a service of the pipeline stopped while starting");
-            }
+            assert!(
+                !self.tasks.iter().any(tokio::task::JoinHandle::is_finished),
+                "a service of the pipeline stopped while starting"
+            );
             (health(addr, "").await == Some(SERVING)).then_some(())
         })
-        .await
+        .await;
     }
 
     /// The full name of a pipeline topic in this test.
+    #[must_use]
     pub fn topic(&self, name: &str) -> String {
         format!("t{}.{name}", self.id)
     }
@@ -311,6 +317,7 @@ impl Pipeline {
         InventoryServiceClient::new(channel(self.inventory_grpc).await)
     }
 
+    #[must_use]
     pub fn rest_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.order_http)
     }
@@ -333,7 +340,7 @@ impl Pipeline {
         (created, decided)
     }
 
-    /// Polls GetPayment until the order's payment is REFUNDED.
+    /// Polls `GetPayment` until the order's payment is REFUNDED.
     pub async fn refunded_payment(&self, order_id: &str) -> shop_proto::payment::Payment {
         let client = self.payments().await;
         eventually(&format!("the payment of {order_id} to be refunded"), || {
@@ -352,7 +359,7 @@ impl Pipeline {
         .await
     }
 
-    /// Polls GetOrder until the order leaves PENDING.
+    /// Polls `GetOrder` until the order leaves PENDING.
     pub async fn final_order(&self, order_id: &str) -> Order {
         let client = self.orders().await;
         eventually(&format!("order {order_id} to leave PENDING"), || {
@@ -376,6 +383,7 @@ impl Pipeline {
     }
 
     /// Kafka settings that address this test's topics.
+    #[must_use]
     pub fn kafka(&self) -> KafkaConfig {
         KafkaConfig {
             brokers: self.brokers.clone(),
@@ -384,6 +392,7 @@ impl Pipeline {
     }
 
     /// Every record now on one of this test's topics.
+    #[must_use]
     pub fn records(&self, name: &str) -> Vec<rdkafka::message::OwnedMessage> {
         shopctl::topic::read_all(&self.kafka(), &self.topic(name)).expect("read topic")
     }
@@ -401,6 +410,7 @@ impl Pipeline {
     }
 
     /// The invariant checker's view of this pipeline.
+    #[must_use]
     pub fn invariant_sources(&self) -> shopctl::invariants::Sources {
         shopctl::invariants::Sources {
             orders: self.orders_db.clone(),
@@ -461,7 +471,7 @@ pub async fn wait_serving(addr: SocketAddr, service: &str) {
     eventually(&format!("{addr} to report SERVING"), || async {
         (health(addr, service).await == Some(SERVING)).then_some(())
     })
-    .await
+    .await;
 }
 
 /// Polls `check` every 50 ms until it returns Some, failing the test after
@@ -476,9 +486,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        if start.elapsed() > DEADLINE {
-            panic!("timed out after {DEADLINE:?} waiting for {what}");
-        }
+        assert!(
+            start.elapsed() <= DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -24,6 +24,7 @@ impl ServiceProcess {
     /// Starts `service` (`order`, `payment`, `inventory`) on `database_url`,
     /// with test `id`'s topics and groups on the shared broker, fast health
     /// checks and relay polls, plus `env`.
+    #[must_use]
     pub fn start(service: &str, id: &str, database_url: &str, env: &[(&str, String)]) -> Self {
         let (grpc, http) = (free_addr(), free_addr());
         let log = std::env::temp_dir().join(format!("shop-{service}-{id}.log"));
@@ -54,6 +55,7 @@ impl ServiceProcess {
     }
 
     /// Everything it logged so far.
+    #[must_use]
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -17,6 +17,7 @@ pub struct ScratchPostgres {
 impl ScratchPostgres {
     /// initdb + start. Panics with the tool's output if PostgreSQL's server
     /// binaries are missing (deploy/local/postgres.sh installs them).
+    #[must_use]
     pub fn start() -> Self {
         let bin = server_bin_dir();
         let dir = std::env::temp_dir().join(format!("shop-scratch-pg-{}", crate::unique_id()));
@@ -37,6 +38,7 @@ impl ScratchPostgres {
     }
 
     /// URL of its `postgres` database.
+    #[must_use]
     pub fn url(&self) -> String {
         format!("postgres://shop@127.0.0.1:{}/postgres", self.port)
     }
@@ -121,7 +123,7 @@ fn server_bin_dir() -> PathBuf {
         .expect("PostgreSQL server is installed (deploy/local/postgres.sh)")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
-    versions.sort();
+    versions.sort_unstable();
     let newest = versions.last().expect("a PostgreSQL version is installed");
     root.join(newest.to_string()).join("bin")
 }

@@ -2,7 +2,7 @@
 //!
 //! The scenario found by hand: databases that already hold orders are
 //! started against an empty broker (another cluster). The services must
-//! refuse (NOT_SERVING, the API saying why) instead of running on, until an
+//! refuse (`NOT_SERVING`, the API saying why) instead of running on, until an
 //! operator accepts the new cluster; after that the outbox rows still kept
 //! are republished there, consumers drop what they applied already, new
 //! orders go through, and the invariant checker holds on the new cluster.

@@ -481,14 +481,14 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         .iter()
         .map(|id| id.parse().unwrap())
         .collect();
-    let accepted = accepted_ids.len();
+    let accepted = i64::try_from(accepted_ids.len()).expect("a count fits in i64");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1)")
         .bind(&accepted_ids)
         .fetch_one(&sources.orders)
         .await
         .unwrap();
     assert_eq!(
-        stored, accepted as i64,
+        stored, accepted,
         "every order the client saw accepted is stored"
     );
     let f = &report.figures;

@@ -562,7 +562,7 @@ async fn health_is_not_serving_while_the_database_is_down() {
     let mut cfg = payment::Config::from_env().unwrap();
     cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
     cfg.db = common::config::DbConfig {
-        url: pg.url(),
+        url: pg.url().into(),
         max_connections: 3,
     };
     cfg.kafka = e2e::test_kafka_config(&id, "payment");
@@ -608,7 +608,7 @@ async fn a_service_started_without_its_database_answers_not_serving_until_it_can
     let mut cfg = payment::Config::from_env().unwrap();
     cfg.grpc_addr = addr;
     cfg.db = common::config::DbConfig {
-        url: pg.url(),
+        url: pg.url().into(),
         max_connections: 3,
     };
     cfg.kafka = e2e::test_kafka_config(&e2e::unique_id(), "payment");

@@ -1,5 +1,5 @@
 //! A service never fails silently: when one of its long-running tasks
-//! cannot go on, the process says why, reports NOT_SERVING and exits
+//! cannot go on, the process says why, reports `NOT_SERVING` and exits
 //! non-zero, so that its supervisor (systemd, Kubernetes) restarts it.
 //!
 //! The service runs as its real binary; its dependency is taken away for

@@ -68,7 +68,11 @@ impl TraceService for Receiver {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
