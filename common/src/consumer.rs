@@ -239,6 +239,9 @@ pub fn subscribe(
         // broker's default minimum session timeout.
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1500")
+        // Bounded prefetch (librdkafka's default queues up to 64 MiB per
+        // consumer): a batch is at most CONSUMER_BATCH_SIZE records anyway.
+        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(LoggingContext::default())?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;

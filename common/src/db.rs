@@ -34,6 +34,11 @@ pub fn pool(cfg: &DbConfig) -> Result<PgPool, DbError> {
         .max_connections(cfg.max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before every checkout: a round trip per statement group
+        // at intake. A connection that died is found by the statement that
+        // uses it, and every caller already treats that as unavailability
+        // (retry, or UNAVAILABLE to the client).
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 

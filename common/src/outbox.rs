@@ -267,6 +267,12 @@ impl Relay {
         if !locked {
             return Ok(0); // another replica's relay is publishing
         }
+        // Marking rows published is the one write whose loss is harmless:
+        // a lost mark republishes the batch, and consumers drop the
+        // duplicates. It need not wait for the WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         let rows: Vec<PendingRow> = sqlx::query_as(
             "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
              FROM outbox

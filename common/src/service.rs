@@ -258,6 +258,10 @@ impl Service {
         let router = router.layer(crate::grpc::http_trace_layer());
         let shutdown = self.shutdown.clone();
         self.supervisor.spawn("REST server", async move {
+            // Small replies go out at once instead of waiting for Nagle.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await?;

@@ -14,7 +14,7 @@
 #   restart  stop + start, same data
 #   status   exit 0 when running and accepting connections on $PGPORT
 #   kill     SIGKILL the postmaster and its backends, like a crash; the next start recovers
-#   env: PGPORT (5432 + SHOP_PORT_OFFSET), PG_MAX_CONNECTIONS (400), SHOP_STATE_DIR
+#   env: PGPORT (5432 + SHOP_PORT_OFFSET), PG_MAX_CONNECTIONS (400), PG_SHARED_BUFFERS (512MB), SHOP_STATE_DIR
 #
 # A Debian-managed cluster (pg_createcluster, e.g. the package's 15/main, or the one this script
 # used to run) that holds our port is stopped and set to `manual` start when it is the default
@@ -191,6 +191,16 @@ listen_addresses = '$PG_HOST'
 port = $PG_PORT
 unix_socket_directories = '$PG_SOCKET_DIR'
 max_connections = $PG_MAX_CONNECTIONS
+# A write-heavy node: every order is a few small transactions. Larger
+# buffers and rarer checkpoints cut the WAL written per order (fewer
+# full-page images); commits still wait for the WAL flush
+# (synchronous_commit stays on: an accepted order is durable).
+shared_buffers = '${PG_SHARED_BUFFERS:-512MB}'
+wal_buffers = '16MB'
+max_wal_size = '4GB'
+min_wal_size = '1GB'
+checkpoint_timeout = '15min'
+checkpoint_completion_target = 0.9
 EOF
   grep -qxF "include_if_exists = 'shop.conf'" "$PG_DATA/postgresql.conf" ||
     echo "include_if_exists = 'shop.conf'" | as_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null

@@ -104,10 +104,20 @@ pub fn keyed_order_request(
 
 /// A loopback address with a free port, for a service run as a process.
 #[must_use]
+///
+/// Picked below the kernel's ephemeral range (32768 and up on Linux), where
+/// the outgoing connections of everything else on the machine take their
+/// ports: a port picked there and bound a moment later may meanwhile have
+/// become some client connection's local port.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    use rand::Rng;
+    for _ in 0..1000 {
+        let port = rand::rng().random_range(20_000..32_000);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("bound address");
+        }
+    }
+    panic!("no free loopback port in 20000..32000")
 }
 
 /// A service binary of this workspace; they sit next to the test binary's
@@ -184,8 +194,14 @@ where
         + 'static,
 {
     tokio::spawn(async move {
-        let running = started.await.map_err(|e| format!("start-up: {e}"))?;
-        running.run().await.map_err(|e| e.to_string())
+        let outcome = match started.await {
+            Ok(running) => running.run().await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("start-up: {e}")),
+        };
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "a service of the test pipeline stopped");
+        }
+        outcome
     })
 }
 
