@@ -23,6 +23,7 @@
 //! - [`broker_identity`]: each database records the Kafka cluster it
 //!   belongs with; a service refuses to run against another one until an
 //!   operator accepts it.
+//! - [`metrics`]: Prometheus metrics (`shop_*`, `process_*`) on `/metrics`.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -37,6 +38,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod rest;
 pub mod retry;

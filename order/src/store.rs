@@ -144,6 +144,7 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
     );
     outbox::enqueue(&mut tx, &[outgoing]).await?;
     tx.commit().await?;
+    common::metrics::order_created();
     // Built from what was written rather than read back: one round trip less.
     Ok(to_proto(
         OrderRow {
