@@ -3,7 +3,9 @@
 //!
 //! The `metrics` facade records; `metrics-exporter-prometheus` renders the
 //! text exposition format; `metrics-process` adds `process_*` (memory, CPU,
-//! open files), collected at each scrape. The names, all prefixed `shop_`:
+//! open files), collected at each scrape (`process_cpu_seconds_total` is
+//! typed gauge so that it keeps fractions of a second; `rate()` works on it
+//! all the same). The names, all prefixed `shop_`:
 //!
 //! | name | type | labels | where |
 //! |---|---|---|---|

@@ -483,8 +483,8 @@ async fn metrics_count_exactly_what_the_pipeline_did() {
             "{name}: process_resident_memory_bytes"
         );
         assert!(
-            m.series("process_cpu_seconds_total", &[]).count() == 1,
-            "{name}: process_cpu_seconds_total"
+            m.sum("process_cpu_seconds_total", &[]) > 0.0,
+            "{name}: process_cpu_seconds_total (with its fraction of a second)"
         );
         for state in ["idle", "active"] {
             assert!(
