@@ -46,6 +46,7 @@ use crate::{
     config::{KafkaConfig, PipelineConfig},
     db, kafka,
     kafka::header,
+    metrics::{self, Outcome},
     outbox::Notifier,
     retry::{Backoff, Streak},
     trace_context::Carrier,
@@ -157,7 +158,8 @@ pub fn parse_id(what: &str, value: &str) -> Result<Uuid, HandlerError> {
         .map_err(|_| HandlerError::Permanent(format!("{what} {value:?} is not a UUID")))
 }
 
-/// Logs rebalances and counts revocations.
+/// Logs rebalances and counts revocations; reports consumer lag from
+/// librdkafka's statistics ([`metrics::LagGauges`]).
 ///
 /// Rebalance callbacks run inside `recv()`, never while a batch is being
 /// applied, so a revoked partition's new owner cannot start before our
@@ -170,9 +172,14 @@ pub fn parse_id(what: &str, value: &str) -> Result<Uuid, HandlerError> {
 #[derive(Default)]
 pub struct LoggingContext {
     revocations: std::sync::atomic::AtomicU64,
+    lag: metrics::LagGauges,
 }
 
-impl ClientContext for LoggingContext {}
+impl ClientContext for LoggingContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.lag.report(&statistics);
+    }
+}
 
 impl ConsumerContext for LoggingContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -242,6 +249,8 @@ pub fn subscribe(
         // Bounded prefetch (librdkafka's default queues up to 64 MiB per
         // consumer): a batch is at most CONSUMER_BATCH_SIZE records anyway.
         .set("queued.max.messages.kbytes", "8192")
+        // For the consumer lag gauge (ClientContext::stats).
+        .set("statistics.interval.ms", "5000")
         .create_with_context(LoggingContext::default())?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -408,7 +417,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
         for m in batch {
             match self.decode(m) {
                 Decoded::Event(meta, event) => events.push((m, meta, event)),
-                Decoded::Skip => {}
+                Decoded::Skip => metrics::consumed(m.topic(), event_type(m), Outcome::Skipped),
                 Decoded::DeadLetter(reason) => {
                     self.dead_letter(m, &reason, 1, shutdown).await?;
                 }
@@ -465,8 +474,10 @@ impl<H: EventHandler> ConsumeLoop<H> {
                         .apply(&mut tx, meta, event.clone())
                         .instrument(meta.span.clone())
                         .await?;
+                    metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Applied);
                 } else {
                     *duplicates.entry(meta.topic.as_str()).or_default() += 1;
+                    metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Duplicate);
                 }
             }
             for (topic, n) in duplicates {
@@ -476,7 +487,8 @@ impl<H: EventHandler> ConsumeLoop<H> {
             tx.commit().await?;
             Ok::<(), BatchError>(())
         };
-        match attempt.await {
+        // Counted (here and by handlers) only once the batch committed.
+        match metrics::on_commit(attempt).await {
             Ok(()) => Ok(()),
             Err(e) => Err((events, e)),
         }
@@ -501,16 +513,18 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 let mut tx = self.pool.begin().await?;
                 if record_processed(&mut tx, &[&meta]).await?.is_empty() {
                     count(&mut tx, &meta.topic, "duplicates_suppressed", 1).await?;
+                    metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Duplicate);
                 } else {
                     self.handler
                         .apply(&mut tx, &meta, event.clone())
                         .instrument(meta.span.clone())
                         .await?;
+                    metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Applied);
                 }
                 tx.commit().await?;
                 Ok::<(), BatchError>(())
             };
-            let error = match attempt.await {
+            let error = match metrics::on_commit(attempt).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -591,6 +605,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
             }
         }
         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "record dead-lettered");
+        metrics::consumed(m.topic(), event_type(m), Outcome::DeadLettered);
         // Best effort: the DLQ topic itself is the record of truth.
         let mut backoff = Backoff::default();
         for _ in 0..3 {
@@ -608,6 +623,12 @@ impl<H: EventHandler> ConsumeLoop<H> {
         }
         Ok(())
     }
+}
+
+/// The record's `event-type` header, if any.
+fn event_type(m: &OwnedMessage) -> Option<&str> {
+    m.headers()
+        .and_then(|h| kafka::header_str(h, header::EVENT_TYPE))
 }
 
 /// Records the events as processed; returns the ids that were new.

@@ -6,8 +6,13 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::Router};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
+
+/// The server's router: every call goes through the metrics layer.
+pub type Router =
+    tonic::transport::server::Router<Stack<crate::metrics::GrpcMetricsLayer, Identity>>;
 
 /// Builds a router with health and reflection for the service named
 /// `service` (e.g. `shop.order.v1.OrderService`); add that service to it.
@@ -46,6 +51,7 @@ pub fn router(service: &str) -> (Router, HealthReporter) {
         .expect("embedded descriptor set is valid");
     let router = Server::builder()
         .trace_fn(request_span)
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -25,6 +25,7 @@
 //!   operator accepts it.
 //! - [`telemetry`] and [`trace_context`]: logs, and one OpenTelemetry trace
 //!   per order across requests, outbox rows and Kafka records.
+//! - [`metrics`]: Prometheus metrics (`shop_*`, `process_*`) on `/metrics`.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -39,6 +40,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod rest;
 pub mod retry;

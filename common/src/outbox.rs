@@ -195,9 +195,17 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut streak = Streak::new();
         let mut last_prune = tokio::time::Instant::now();
+        let mut last_count: Option<tokio::time::Instant> = None;
         loop {
             match self.drain().await {
-                Ok(_) => streak.reset(),
+                Ok(_) => {
+                    streak.reset();
+                    // The pending gauge, at most once a second (a partial index count).
+                    if last_count.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_count = Some(tokio::time::Instant::now());
+                        self.count_pending().await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay failed");
                     let transient = e.is_transient();
@@ -310,7 +318,23 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        crate::metrics::published(
+            rows.iter()
+                .map(|r| (r.topic.as_str(), r.event_type.as_str())),
+        );
         Ok(rows.len())
+    }
+
+    /// Sets the outbox pending gauge; a failure only leaves it stale.
+    async fn count_pending(&self) {
+        let pending: sqlx::Result<i64> =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&self.pool)
+                .await;
+        match pending {
+            Ok(n) => crate::metrics::outbox_pending(n),
+            Err(e) => tracing::debug!(error = %e, "counting pending outbox rows failed"),
+        }
     }
 
     async fn prune(&self) -> sqlx::Result<u64> {

@@ -27,7 +27,6 @@ use std::{
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, migrate::Migrator};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Router;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -35,6 +34,7 @@ use crate::{
     config::{ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     consumer::{self, ConsumeLoop, EventHandler},
     db::{self, DbError},
+    grpc::Router,
     kafka::{self, KafkaError},
     outbox::{Notifier, Relay},
     supervisor::{Supervisor, TaskFailed, TaskResult},
@@ -159,6 +159,7 @@ pub struct Service {
     shutdown: CancellationToken,
     grpc_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Service {
@@ -173,6 +174,7 @@ impl Service {
         pipeline: PipelineConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        crate::metrics::install();
         let pool = db::pool(db)?;
         let producer = kafka::producer(&kafka_cfg)?;
         let (router, health) = crate::grpc::router(grpc_service);
@@ -196,6 +198,7 @@ impl Service {
             shutdown,
             grpc_addr: None,
             http_addr: None,
+            metrics_addr: None,
         })
     }
 
@@ -254,6 +257,7 @@ impl Service {
         addr: SocketAddr,
         router: axum::Router,
     ) -> Result<SocketAddr, StartError> {
+        let router = router.layer(axum::middleware::from_fn(crate::metrics::track_http));
         let (listener, bound) = bind(addr, "HTTP_ADDR").await?;
         let router = router.layer(crate::grpc::http_trace_layer());
         let shutdown = self.shutdown.clone();
@@ -269,6 +273,26 @@ impl Service {
             Ok(())
         });
         self.http_addr = Some(bound);
+        Ok(bound)
+    }
+
+    /// Binds `addr` and serves Prometheus metrics on `GET /metrics` until
+    /// shutdown (see [`crate::metrics`]). Returns the address bound.
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        let (listener, bound) = bind(addr, "METRICS_ADDR").await?;
+        let router = crate::metrics::router(self.pool.clone());
+        let shutdown = self.shutdown.clone();
+        self.supervisor.spawn("metrics server", async move {
+            let serve =
+                axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
+            tokio::select! {
+                served = serve => served?,
+                () = crate::metrics::upkeep() => {}
+            }
+            tracing::info!("metrics server stopped");
+            Ok(())
+        });
+        self.metrics_addr = Some(bound);
         Ok(bound)
     }
 
@@ -356,6 +380,7 @@ impl Service {
         tracing::info!(
             grpc_addr = ?self.grpc_addr,
             http_addr = ?self.http_addr,
+            metrics_addr = ?self.metrics_addr,
             "service started"
         );
         Running {

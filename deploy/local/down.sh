@@ -4,7 +4,7 @@
 #
 # usage: deploy/local/down.sh            stop; the data stays for the next up.sh
 #        deploy/local/down.sh --purge    stop, then delete this state dir's data: the PostgreSQL
-#                                        cluster, the Kafka log, pids and logs (the next up.sh
+#                                        cluster, the Kafka log, Prometheus' TSDB, pids and logs (the next up.sh
 #                                        starts from empty databases and an empty broker, together)
 #   env: SHOP_STATE_DIR (.run/ of this clone), SHOP_STOP_TIMEOUT (seconds per service before
 #        SIGKILL, default 30). Ports do not matter here: processes are found by pid file and
@@ -57,6 +57,8 @@ if ((${#pid_of[@]} > 0)); then
   done
 fi
 
+# The observability stack of `up.sh --observe`, if it runs (Jaeger keeps its traces in memory).
+"$here/observe.sh" stop
 "$here/kafka.sh" stop
 "$here/postgres.sh" stop
 
@@ -64,12 +66,14 @@ if ((purge)); then
   # Refuse to delete data under a server that still runs (e.g. stop failed half-way). By pid,
   # not by port: a port variable that changed since the start must not hide a live server.
   pg_pid="$(head -n 1 "$SHOP_STATE_DIR/postgres/data/postmaster.pid" 2>/dev/null || true)"
-  if pid_alive "$SHOP_STATE_DIR/pids/kafka.pid" || proc_alive "$pg_pid"; then
+  if pid_alive "$SHOP_STATE_DIR/pids/kafka.pid" || proc_alive "$pg_pid" ||
+    pid_alive "$SHOP_STATE_DIR/pids/prometheus.pid"; then
     die "a server of $SHOP_STATE_DIR still runs; not purging"
   fi
-  log "purging $SHOP_STATE_DIR: PostgreSQL cluster, Kafka log, pids, logs"
+  log "purging $SHOP_STATE_DIR: PostgreSQL cluster, Kafka log, Prometheus TSDB, pids, logs"
   # Only what the scripts create, so a mistaken SHOP_STATE_DIR loses nothing else.
-  rm -rf "$SHOP_STATE_DIR/postgres" "$SHOP_STATE_DIR/kafka" "$SHOP_STATE_DIR/pids" "$SHOP_STATE_DIR/logs"
+  rm -rf "$SHOP_STATE_DIR/postgres" "$SHOP_STATE_DIR/kafka" "$SHOP_STATE_DIR/prometheus" \
+    "$SHOP_STATE_DIR/jaeger" "$SHOP_STATE_DIR/pids" "$SHOP_STATE_DIR/logs"
   rmdir "$SHOP_STATE_DIR" 2>/dev/null || log "kept $SHOP_STATE_DIR: it holds other files"
 fi
 log "all down"

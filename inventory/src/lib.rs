@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// `GRPC_ADDR` (default `0.0.0.0:50053`).
     pub grpc_addr: SocketAddr,
+    /// `METRICS_ADDR` (default `0.0.0.0:9466`): Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
     /// `DATABASE_URL` (default `postgres://shop:shop@127.0.0.1:5432/inventory`).
     pub db: DbConfig,
     /// `KAFKA_*`; consumer group and client id default to `inventory`.
@@ -44,6 +46,7 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             grpc_addr: config::var("GRPC_ADDR", ([0, 0, 0, 0], 50053).into())?,
+            metrics_addr: config::var("METRICS_ADDR", ([0, 0, 0, 0], 9466).into())?,
             db: DbConfig::from_env("inventory")?,
             kafka: KafkaConfig::from_env("inventory")?,
             pipeline: PipelineConfig::from_env()?,
@@ -65,6 +68,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         config.pipeline.clone(),
         shutdown,
     )?;
+    service.serve_metrics(config.metrics_addr).await?;
     let api = InventoryServiceServer::with_interceptor(
         grpc::InventoryGrpc {
             pool: service.pool.clone(),

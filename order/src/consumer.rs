@@ -240,10 +240,13 @@ impl SagaHandler {
                 let out =
                     OutboxEvent::new(self.orders_topic.clone(), &customer_id, event_id, &event);
                 outbox::enqueue(conn, &[out]).await?;
+                // Counted when the consume loop's transaction commits.
+                common::metrics::orders_decided("CONFIRMED", 1);
                 Ok(())
             }
             Decision::Cancel(reason) => {
                 cancel(conn, &self.orders_topic, &[(id, customer_id, reason)]).await?;
+                common::metrics::orders_decided("CANCELLED", 1);
                 Ok(())
             }
         }

@@ -99,5 +99,6 @@ pub async fn sweep_once(pool: &PgPool, orders_topic: &str) -> sqlx::Result<usize
         .collect();
     cancel(&mut tx, orders_topic, &orders).await?;
     tx.commit().await?;
+    common::metrics::orders_decided("CANCELLED", orders.len() as u64);
     Ok(orders.len())
 }

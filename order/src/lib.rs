@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// `GRPC_ADDR` (default `0.0.0.0:50051`).
     pub grpc_addr: SocketAddr,
+    /// `METRICS_ADDR` (default `0.0.0.0:9464`): Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
     /// `HTTP_ADDR` (default `0.0.0.0:8081`): the REST shim.
     pub http_addr: SocketAddr,
     /// `ORDER_DEADLINE_SECS` (default 30): a PENDING order older than this is
@@ -53,6 +55,7 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             grpc_addr: config::var("GRPC_ADDR", ([0, 0, 0, 0], 50051).into())?,
+            metrics_addr: config::var("METRICS_ADDR", ([0, 0, 0, 0], 9464).into())?,
             http_addr: config::var("HTTP_ADDR", ([0, 0, 0, 0], 8081).into())?,
             deadline: Duration::from_secs(config::var("ORDER_DEADLINE_SECS", 30)?),
             sweep_interval: config::millis("ORDER_SWEEP_INTERVAL_MS", 1000)?,
@@ -77,6 +80,8 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         config.pipeline.clone(),
         shutdown,
     )?;
+    service.serve_metrics(config.metrics_addr).await?;
+    common::metrics::register_order_counters();
     let orders_topic = config.kafka.topic(topics::ORDERS);
     let catalog = Arc::new(OnceLock::new());
     let api = api::OrderApi {

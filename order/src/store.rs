@@ -157,6 +157,7 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
     let outgoing = OutboxEvent::new(new.orders_topic, new.customer_id, event_id, &event);
     outbox::enqueue(&mut tx, &[outgoing]).await?;
     tx.commit().await?;
+    common::metrics::order_created();
     // Built from what was written rather than read back: one round trip less.
     Ok(to_proto(
         OrderRow {

@@ -35,6 +35,8 @@ use crate::domain::AccountDefaults;
 pub struct Config {
     /// `GRPC_ADDR` (default `0.0.0.0:50052`).
     pub grpc_addr: SocketAddr,
+    /// `METRICS_ADDR` (default `0.0.0.0:9465`): Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
     /// `DEFAULT_CREDIT_LIMIT_UNITS` (default 100000, i.e. $1000.00): the
     /// credit limit of a customer's account when it is first needed, in
     /// minor units of the default currency. Must not be negative.
@@ -51,6 +53,7 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             grpc_addr: config::var("GRPC_ADDR", ([0, 0, 0, 0], 50052).into())?,
+            metrics_addr: config::var("METRICS_ADDR", ([0, 0, 0, 0], 9465).into())?,
             default_credit_limit: config::var("DEFAULT_CREDIT_LIMIT_UNITS", 100_000)?,
             default_currency: config::var("DEFAULT_CURRENCY", "USD".to_owned())?,
             db: DbConfig::from_env("payments")?,
@@ -95,6 +98,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         config.pipeline.clone(),
         shutdown,
     )?;
+    service.serve_metrics(config.metrics_addr).await?;
     let api = PaymentServiceServer::with_interceptor(
         grpc::PaymentGrpc {
             pool: service.pool.clone(),

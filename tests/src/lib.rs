@@ -252,18 +252,21 @@ impl Pipeline {
             (free_addr(), free_addr(), free_addr(), free_addr());
 
         let mut payment_cfg = payment::Config::from_env().expect("payment config");
+        payment_cfg.metrics_addr = ([127, 0, 0, 1], 0).into();
         payment_cfg.grpc_addr = payment_grpc;
         payment_cfg.db = db(&payments_url);
         payment_cfg.kafka = kafka("payment");
         payment_cfg.pipeline = pipeline_config();
 
         let mut inventory_cfg = inventory::Config::from_env().expect("inventory config");
+        inventory_cfg.metrics_addr = ([127, 0, 0, 1], 0).into();
         inventory_cfg.grpc_addr = inventory_grpc;
         inventory_cfg.db = db(&inventory_url);
         inventory_cfg.kafka = kafka("inventory");
         inventory_cfg.pipeline = pipeline_config();
 
         let mut order_cfg = order::Config::from_env().expect("order config");
+        order_cfg.metrics_addr = ([127, 0, 0, 1], 0).into();
         order_cfg.grpc_addr = order_grpc;
         order_cfg.http_addr = order_http;
         order_cfg.deadline = options.order_deadline;
