@@ -18,6 +18,9 @@ pub struct ServiceProcess {
     pub grpc: SocketAddr,
     /// Its REST address (order only).
     pub http: SocketAddr,
+    /// Its Prometheus endpoint.
+    pub metrics: SocketAddr,
+    service: String,
 }
 
 impl ServiceProcess {
@@ -26,12 +29,13 @@ impl ServiceProcess {
     /// checks and relay polls, plus `env`.
     #[must_use]
     pub fn start(service: &str, id: &str, database_url: &str, env: &[(&str, String)]) -> Self {
-        let (grpc, http) = (free_addr(), free_addr());
+        let (grpc, http, metrics) = (free_addr(), free_addr(), free_addr());
         let log = std::env::temp_dir().join(format!("shop-{service}-{id}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary(service))
             .env("GRPC_ADDR", grpc.to_string())
             .env("HTTP_ADDR", http.to_string())
+            .env("METRICS_ADDR", metrics.to_string())
             .env("DATABASE_URL", database_url)
             .env("KAFKA_BROKERS", brokers())
             .env("KAFKA_TOPIC_PREFIX", format!("t{id}."))
@@ -51,6 +55,26 @@ impl ServiceProcess {
             log,
             grpc,
             http,
+            metrics,
+            service: service.to_owned(),
+        }
+    }
+
+    /// Its addresses, to keep while the process itself is borrowed
+    /// mutably.
+    #[must_use]
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            grpc: self.grpc,
+            http: self.http,
+            metrics: self.metrics,
+        }
+    }
+
+    /// Fails the test, with its log, if it exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("{} exited ({status}); log:\n{}", self.service, self.log());
         }
     }
 
@@ -83,6 +107,14 @@ impl ServiceProcess {
             .status();
         self.exit_status().await
     }
+}
+
+/// Where a [`ServiceProcess`] listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 impl Drop for ServiceProcess {

@@ -257,6 +257,7 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
             ("KAFKA_GROUP_ID".into(), format!("t{id}-{service}")),
             ("KAFKA_PARTITIONS".into(), "6".into()),
             ("GRPC_ADDR".into(), grpc.to_string()),
+            ("METRICS_ADDR".into(), free_addr().to_string()),
             ("HEALTH_CHECK_INTERVAL_MS".into(), "250".into()),
             ("OUTBOX_POLL_INTERVAL_MS".into(), "50".into()),
             ("RUST_LOG".into(), "info,sqlx=warn,rdkafka=warn".into()),

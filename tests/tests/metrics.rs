@@ -11,11 +11,10 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use e2e::{DEADLINE, binary, brokers, create_database, free_addr, unique_id};
+use e2e::{DEADLINE, create_database, process::ServiceProcess, unique_id};
 use shop_proto::order::{GetOrderRequest, OrderStatus, order_service_client::OrderServiceClient};
 
 /// Notes a value that is not the one expected.
@@ -108,83 +107,39 @@ async fn scrape(addr: SocketAddr) -> Result<Scrape, String> {
     Ok(Scrape::parse(&text))
 }
 
-/// The service processes; killed when the test ends, however it ends.
-struct Processes(Vec<(&'static str, Child, std::path::PathBuf)>);
-
-impl Processes {
-    /// Fails the test if a service exited.
-    fn assert_running(&mut self) {
-        for (name, child, log) in &mut self.0 {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "{name} exited ({status}); log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child, _) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-struct Addrs {
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_exactly_what_the_pipeline_did() {
     let id = unique_id();
     let prefix = format!("t{id}.");
-    let order_http = free_addr();
-    let addrs = |_: &str| Addrs {
-        grpc: free_addr(),
-        metrics: free_addr(),
-    };
-    let services = [
-        ("payment", "payments", addrs("payment")),
-        ("inventory", "inventory", addrs("inventory")),
-        ("order", "orders", addrs("order")),
-    ];
-    let mut processes = Processes(Vec::new());
-    for (name, database, addrs) in &services {
+    let mut processes = Vec::new();
+    for (name, database) in [
+        ("payment", "payments"),
+        ("inventory", "inventory"),
+        ("order", "orders"),
+    ] {
         let url = create_database(format!("t_{id}_{database}")).await;
-        let log_path = std::env::temp_dir().join(format!("shop-metrics-{id}-{name}.log"));
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(binary(name))
-            .env("GRPC_ADDR", addrs.grpc.to_string())
-            .env("HTTP_ADDR", order_http.to_string())
-            .env("METRICS_ADDR", addrs.metrics.to_string())
-            .env("DATABASE_URL", &url)
-            .env("DATABASE_MAX_CONNECTIONS", "5")
-            .env("KAFKA_BROKERS", brokers())
-            .env("KAFKA_TOPIC_PREFIX", &prefix)
-            .env("KAFKA_GROUP_ID", format!("t{id}-{name}"))
-            .env("KAFKA_PARTITIONS", "3")
-            .env("HEALTH_CHECK_INTERVAL_MS", "200")
-            .env("OUTBOX_POLL_INTERVAL_MS", "50")
-            .env("ORDER_DEADLINE_SECS", "120")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        processes.0.push((name, child, log_path));
+        processes.push(ServiceProcess::start(
+            name,
+            &id,
+            &url,
+            &[
+                ("DATABASE_MAX_CONNECTIONS", "5".to_owned()),
+                ("ORDER_DEADLINE_SECS", "120".to_owned()),
+            ],
+        ));
     }
-    for (_, _, addrs) in &services {
-        e2e::wait_serving(addrs.grpc, "").await;
+    for process in &processes {
+        e2e::wait_serving(process.grpc, "").await;
     }
-    processes.assert_running();
-    let [payment, inventory, order] = &services;
-    let (payment, inventory, order) = (&payment.2, &inventory.2, &order.2);
+    processes
+        .iter_mut()
+        .for_each(ServiceProcess::assert_running);
+    let (payment, inventory, order) = (
+        processes[0].endpoints(),
+        processes[1].endpoints(),
+        processes[2].endpoints(),
+    );
+    let order_http = order.http;
 
     // Before any order: every endpoint answers, the order counters exist at 0.
     for addrs in [payment, inventory, order] {
@@ -295,7 +250,9 @@ async fn metrics_count_exactly_what_the_pipeline_did() {
     let reserved = "shop.events.v1.InventoryUpdated";
     let start = Instant::now();
     let (order_m, payment_m, inventory_m) = loop {
-        processes.assert_running();
+        processes
+            .iter_mut()
+            .for_each(ServiceProcess::assert_running);
         let order_m = scrape(order.metrics).await.expect("scrape order");
         let payment_m = scrape(payment.metrics).await.expect("scrape payment");
         let inventory_m = scrape(inventory.metrics).await.expect("scrape inventory");
@@ -495,5 +452,7 @@ async fn metrics_count_exactly_what_the_pipeline_did() {
             );
         }
     }
-    processes.assert_running();
+    processes
+        .iter_mut()
+        .for_each(ServiceProcess::assert_running);
 }
