@@ -9,6 +9,8 @@ usage:
       the project's own rules on each rendered overlay (below); exit 1 on any violation
   check_manifests.py self-test REPO RENDERED.yaml
       break a good rendering in known ways and require `check` to catch each one
+  check_manifests.py compose REPO CONFIG.yaml
+      the same env and port rules on `docker-compose config` output of deploy/compose.yaml
 
 The rules, per container of a Deployment (its service = the binary in `command`):
   * every env var it is given (env, and envFrom ConfigMaps resolved from the rendering) is one
@@ -348,12 +350,48 @@ def self_test(repo, path):
     return failed
 
 
+def check_compose(repo: Path, path):
+    reads = reads_of(repo)
+    cfg = yaml.safe_load(Path(path).read_text())
+    errors, seen = [], set()
+    for name, svc in cfg["services"].items():
+        cmd = svc.get("command") or []
+        binary = (cmd[0] if isinstance(cmd, list) and cmd else str(cmd).split(" ")[0]).rsplit("/", 1)[-1]
+        if binary not in SERVICES:
+            continue
+        seen.add(binary)
+        names, defaults = reads[binary]
+        env = svc.get("environment") or {}
+        for var in env:
+            if var in PENDING and not is_read(var, names):
+                print(f"note: compose: {name}: {var} accepted as pending (not read by this build yet)")
+            elif not is_read(var, names):
+                errors.append(f"compose: {name}: sets {var}, which {binary} does not read")
+        if "DATABASE_URL" not in env:
+            errors.append(f"compose: {name}: DATABASE_URL is not set")
+        published = {int((str(p["target"]) if isinstance(p, dict) else str(p).rsplit(":", 1)[-1])
+                         .split("/")[0]) for p in svc.get("ports", [])}
+        for var, default in list(defaults.items()) + [(k, v[binary]) for k, v in PENDING.items()]:
+            port = port_of(env[var]) if var in env else default
+            if port not in published:
+                errors.append(f"compose: {name}: listens on {port} ({var}) but does not publish it")
+    for missing in sorted(set(SERVICES) - seen):
+        errors.append(f"compose: no service runs {missing}")
+    for e in errors:
+        print(f"FAIL: {e}")
+    if not errors:
+        print(f"ok: compose: env and ports of {', '.join(sorted(seen))}")
+    return 1 if errors else 0
+
+
 def main(argv):
     if len(argv) >= 4 and argv[1] == "schemas":
         prepare_schemas(Path(argv[2]), Path(argv[3]), argv[4:])
         return 0
     if len(argv) >= 4 and argv[1] == "check":
         return run_check(Path(argv[2]), argv[3:])
+    if len(argv) == 4 and argv[1] == "compose":
+        return check_compose(Path(argv[2]), argv[3])
     if len(argv) == 4 and argv[1] == "self-test":
         return self_test(Path(argv[2]), argv[3])
     print(__doc__, file=sys.stderr)

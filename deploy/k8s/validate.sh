@@ -4,6 +4,7 @@
 # and newest version covered, bundled in PyPI's kubernetes-validate, rewritten to local files),
 # then the project's own rules (deploy/k8s/check_manifests.py: env vars the services read,
 # probe and container ports, hardening). Each checker first proves it rejects broken input.
+# Then deploy/compose.yaml: the Compose schema and the same env and port rules.
 #
 # usage: deploy/k8s/validate.sh
 #   env: SHOP_CACHE_DIR (tools and schemas are cached there), K8S_VERSIONS ("1.27.0 1.37.0":
@@ -114,5 +115,22 @@ log "self-test: the project's rules must reject known-bad renderings"
 log "the project's rules: env vars read, ports, probes, hardening"
 "$venv/bin/python" "$here/check_manifests.py" check "$REPO" "${rendered[@]}" || status=1
 
+# deploy/compose.yaml: the Compose schema (docker-compose config, Debian's package), then the same
+# env and port rules. Debian's podman-compose 1.0.3 has no `config` command.
+if ! command -v docker-compose >/dev/null && ((EUID == 0)) && command -v apt-get >/dev/null; then
+  log "installing docker-compose from Debian (to validate deploy/compose.yaml)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null || true
+fi
+if command -v docker-compose >/dev/null; then
+  log "docker-compose config: deploy/compose.yaml"
+  if docker-compose -f "$REPO/deploy/compose.yaml" config >"$work/compose.yaml"; then
+    "$venv/bin/python" "$here/check_manifests.py" compose "$REPO" "$work/compose.yaml" || status=1
+  else
+    status=1
+  fi
+else
+  printf '\nSKIPPED: deploy/compose.yaml validation: no docker-compose and no apt-get to install it\n\n' >&2
+fi
+
 ((status == 0)) || die "manifest validation failed (see FAIL lines above)"
-log "manifests valid: ${#rendered[@]} overlays"
+log "manifests valid: ${#rendered[@]} overlays and deploy/compose.yaml"
