@@ -133,12 +133,18 @@ printf 'image %s: %s MB (base %s MB)\n' "$image" "$((size / 1000000))" \
 phase "rendering the local overlay for this run"
 psql -qAt "$admin_url" -c 'SELECT 1' >/dev/null 2>&1 ||
   die "PostgreSQL does not answer at $admin_url (start it: deploy/local/postgres.sh start)"
-kcat -b "$KAFKA_BROKERS" -L -m 5 >/dev/null 2>&1 ||
+(exec 3<>"/dev/tcp/${KAFKA_BROKERS%%:*}/${KAFKA_BROKERS##*:}") 2>/dev/null ||
   die "Kafka does not answer at $KAFKA_BROKERS (start it: deploy/local/kafka.sh start)"
 for db in "${dbs[@]}"; do
   psql -q "$admin_url" -c "CREATE DATABASE \"$db\"" >/dev/null
 done
-port_free() { ! ss -Hltn "sport = :$1" | grep -q .; }
+port_free() { # nothing listens on it (ss, or a connection attempt where there is no ss)
+  if command -v ss >/dev/null; then
+    [[ -z "$(ss -Hltn "sport = :$1")" ]]
+  elif (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    return 1
+  fi
+}
 for _ in $(seq 50); do
   base=$((30000 + (RANDOM % 900) * 10))
   all_free=1
@@ -230,10 +236,10 @@ down_secs=$((SECONDS - down_start))
 for c in "${ctrs[@]}"; do
   podman logs "$c" >"$work/$c.log" 2>&1 || true
   code="$(podman inspect --format '{{.State.ExitCode}}' "$c")"
-  grep -q 'shutdown complete' "$work/$c.log" && [[ "$code" == 0 ]] || {
+  if [[ "$code" != 0 ]] || ! grep -q 'shutdown complete' "$work/$c.log"; then
     show_logs
     die "$c exited with status $code without a complete drain after SIGTERM (killed at the end of the grace period?)"
-  }
+  fi
 done
 podman kube down "$played" >/dev/null || die "podman kube down failed"
 played=""
