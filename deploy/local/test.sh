@@ -51,4 +51,7 @@ set -e
 # last of which is often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "all tests: %d passed, %d failed\n", p, f }' "$results"
+# Deploy (README "Deploy"): manifests validated offline, then the image played with Podman.
+"$REPO/deploy/k8s/validate.sh" || status=1
+"$REPO/deploy/k8s/smoke.sh" || status=1
 exit "$status"
