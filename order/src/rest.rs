@@ -1,16 +1,23 @@
 //! The REST/JSON shim: the original system's routes, canonical proto3 JSON
 //! (pbjson; `snake_case` and lowerCamelCase both accepted), and errors as
 //! `{code, message, details}` with grpc-gateway's status mapping.
+//! `WatchOrder` is served as Server-Sent Events.
+
+use std::convert::Infallible;
 
 use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::{get, post},
 };
 use common::rest::ApiError;
+use futures::StreamExt;
 use shop_proto::order::CreateOrderRequest;
 
 use crate::api::OrderApi;
@@ -22,6 +29,7 @@ pub fn router(api: OrderApi) -> Router {
     Router::new()
         .route("/api/v1/orders", post(create_order))
         .route("/api/v1/orders/{order_id}", get(get_order))
+        .route("/api/v1/orders/{order_id}/events", get(watch_order))
         .fallback(|| async { ApiError(tonic::Status::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             let mut response = ApiError(tonic::Status::unimplemented(
@@ -72,4 +80,38 @@ async fn get_order(
 ) -> Result<Response, ApiError> {
     let order = api.get(&order_id).await.map_err(tonic::Status::from)?;
     Ok(Json(order).into_response())
+}
+
+/// `WatchOrder` as Server-Sent Events: one event per state, its `data` the
+/// order in proto3 JSON; the response ends after the final state. An error
+/// before the first state is a plain JSON error response; one after it (the
+/// service shutting down, the database failing) is a last event named
+/// `error` whose data is `{code, message, details}`. A comment line every
+/// 15 s keeps idle proxies from closing the connection.
+async fn watch_order(
+    State(api): State<OrderApi>,
+    Path(order_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let states = api.watch(&order_id).await.map_err(tonic::Status::from)?;
+    let events = states.map(|state| {
+        Ok::<_, Infallible>(match state {
+            Ok(order) => Event::default().json_data(order).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot encode an order as JSON");
+                error_event(&tonic::Status::internal("cannot encode the order"))
+            }),
+            Err(e) => error_event(&tonic::Status::from(e)),
+        })
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn error_event(status: &tonic::Status) -> Event {
+    let body = serde_json::json!({
+        "code": status.code() as i32,
+        "message": status.message(),
+        "details": [],
+    });
+    Event::default().event("error").data(body.to_string())
 }
