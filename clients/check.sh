@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The clients' part of the test command (deploy/local/test.sh runs it after cargo test):
+#   0. buf lint, and buf breaking against proto/ as of the last tag (or, with no tag, the
+#      first commit that had proto/shop): a renumbered, retyped or removed field fails here;
 #   1. regenerates the Python and Go stubs and order/openapi.json from proto/ into a
 #      temporary folder and fails if what is committed differs (stale generated code);
 #   2. starts order, payment and inventory as processes (the binaries `cargo build --bins`
@@ -13,7 +15,7 @@
 #      body, headers), and no request slower than CLIENTS_FUZZ_MAX_RESPONSE_SECS;
 #   5. stops the services and drops their databases.
 #
-# usage: clients/check.sh [--generated-only]
+# usage: clients/check.sh [--generated-only]   (--generated-only: steps 0 and 1)
 #   env: CARGO_TARGET_DIR (where the service binaries are; test.sh sets it),
 #        TEST_DATABASE_URL (admin URL of the shared PostgreSQL), KAFKA_BROKERS,
 #        CLIENTS_FUZZ_EXAMPLES (per operation, default 200), CLIENTS_FUZZ_MAX_RESPONSE_SECS (5)
@@ -42,6 +44,18 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+log "buf lint (buf.yaml)"
+buf lint || die "buf lint found problems in proto/ (see buf.yaml for the rules)"
+baseline="$(git describe --tags --abbrev=0 2>/dev/null ||
+  git log --diff-filter=A --format=%H -- proto/shop | tail -n 1)"
+[[ -n "$baseline" ]] || die "no commit with proto/shop to compare with (a shallow clone?)"
+mkdir -p "$work/baseline"
+git archive "$baseline" proto | tar -x -C "$work/baseline" ||
+  die "cannot read proto/ at $baseline (a shallow clone? fetch the history)"
+log "buf breaking against proto/ at $(git log -1 --format='%h (%s)' "$baseline")"
+buf breaking --against "$work/baseline/proto" ||
+  die "proto/ breaks the contract released at $baseline: add fields and messages, never renumber, retype or remove"
 
 log "regenerating the stubs and the OpenAPI description from proto/ (stale check)"
 "$REPO/clients/generate.sh" "$work/gen" 2>"$work/generate.log" || {
