@@ -101,8 +101,6 @@ async fn a_timed_out_order_is_watched_from_pending_to_cancelled() {
     let last = states.last().unwrap();
     assert_eq!(last.status, OrderStatus::Cancelled as i32);
     assert_eq!(last.reason, "timed out waiting for inventory");
-    // Payment's result arrived first and moved updated_at: a PENDING state
-    // after the first one, unless the watch began after it.
     p.stop().await;
 }
 
