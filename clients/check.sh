@@ -131,9 +131,9 @@ fuzz_checks+=,response_headers_conformance,response_schema_conformance
   { failed=1; printf 'error: the REST fuzz found failures (above)\n' >&2; }
 
 for service in order payment inventory; do
-  if grep -qiE '"level":"ERROR"| ERROR ' "$work/$service.log"; then
+  if grep -qE '"level":"ERROR"| ERROR ' "$work/$service.log"; then
     printf -- '--- errors logged by %s ---\n' "$service" >&2
-    grep -iE '"level":"ERROR"| ERROR ' "$work/$service.log" | tail -n 20 >&2
+    grep -E '"level":"ERROR"| ERROR ' "$work/$service.log" | tail -n 20 >&2
   fi
 done
 ((failed == 0)) || die "clients check failed"
