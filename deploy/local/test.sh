@@ -47,6 +47,9 @@ set +e
 cargo test --workspace "$@" 2>&1 | tee "$results"
 status=${PIPESTATUS[0]}
 set -e
+# Generated clients current, the Python and Go examples and the REST fuzz against
+# services run as processes, buf lint and breaking (clients/check.sh).
+"$REPO/clients/check.sh" || status=1
 # One closing line for the whole run (cargo prints one per test binary, the
 # last of which is often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

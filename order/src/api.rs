@@ -7,15 +7,17 @@ use std::{
     time::Duration,
 };
 
+use futures::Stream;
 use sha2::{Digest, Sha256};
 use shop_proto::order::{CreateOrderRequest, Order};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     domain::{self, Invalid, NewOrder, Price},
     error::OrderError,
-    store,
+    store, watch,
 };
 
 /// Longest accepted idempotency key.
@@ -30,6 +32,10 @@ pub struct OrderApi {
     pub orders_topic: String,
     pub deadline: Duration,
     pub outbox: common::outbox::Notifier,
+    /// The orders `WatchOrder` callers follow (see [`crate::watch`]).
+    pub watchers: watch::Watchers,
+    /// Ends the watchers' streams, so that shutdown does not wait on them.
+    pub shutdown: CancellationToken,
 }
 
 impl OrderApi {
@@ -70,15 +76,42 @@ impl OrderApi {
     }
 
     pub async fn get(&self, order_id: &str) -> Result<Order, OrderError> {
-        if !self.readiness.is_ready() {
-            return Err(OrderError::Unavailable(self.readiness.unavailable()));
-        }
-        let id = Uuid::parse_str(order_id.trim())
-            .map_err(|_| Invalid(format!("order_id {order_id:?} is not a UUID")))?;
+        let id = self.order_id(order_id)?;
         let mut conn = self.pool.acquire().await?;
         store::load(&mut conn, id)
             .await?
             .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))
+    }
+
+    /// The order's current state, then each change until it is final (see
+    /// [`watch::follow`]). Errors about the request (bad id, unknown order,
+    /// not ready) come here, before the stream, so that both front ends
+    /// answer them as plain errors.
+    pub async fn watch(
+        &self,
+        order_id: &str,
+    ) -> Result<impl Stream<Item = Result<Order, OrderError>> + Send + 'static, OrderError> {
+        let id = self.order_id(order_id)?;
+        tracing::Span::current().record("order_id", order_id);
+        // Subscribed before the first read: a change committed in between
+        // wakes the watcher, which re-reads.
+        let subscription = self.watchers.subscribe(id);
+        let first = self.get(order_id).await?;
+        Ok(watch::follow(
+            self.pool.clone(),
+            subscription,
+            first,
+            self.shutdown.clone(),
+        ))
+    }
+
+    /// A request's order id, once the service is ready.
+    fn order_id(&self, order_id: &str) -> Result<Uuid, OrderError> {
+        if !self.readiness.is_ready() {
+            return Err(OrderError::Unavailable(self.readiness.unavailable()));
+        }
+        Ok(Uuid::parse_str(order_id.trim())
+            .map_err(|_| Invalid(format!("order_id {order_id:?} is not a UUID")))?)
     }
 }
 

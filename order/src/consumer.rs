@@ -218,6 +218,8 @@ impl SagaHandler {
                 row.inventory_reason = reason;
             }
         }
+        // Recording a result moves `updated_at`, which watchers see.
+        crate::store::notify_changed(conn, &[id]).await?;
         if row.status != Status::Pending {
             return Ok(()); // decided already (timed out); compensation is under way
         }
@@ -283,6 +285,7 @@ pub(crate) async fn cancel(
     .bind(&reasons)
     .execute(&mut *conn)
     .await?;
+    crate::store::notify_changed(conn, &ids).await?;
     let events: Vec<OutboxEvent> = orders
         .iter()
         .map(|(id, customer_id, reason)| {

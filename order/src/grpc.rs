@@ -1,7 +1,11 @@
 //! `shop.order.v1.OrderService` over gRPC.
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use shop_proto::order::{
-    CreateOrderRequest, GetOrderRequest, Order, order_service_server::OrderService,
+    CreateOrderRequest, GetOrderRequest, Order, WatchOrderRequest,
+    order_service_server::OrderService,
 };
 use tonic::{Request, Response, Status};
 
@@ -11,6 +15,8 @@ pub struct OrderGrpc(pub OrderApi);
 
 #[tonic::async_trait]
 impl OrderService for OrderGrpc {
+    type WatchOrderStream = Pin<Box<dyn Stream<Item = Result<Order, Status>> + Send + 'static>>;
+
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
@@ -25,5 +31,15 @@ impl OrderService for OrderGrpc {
         Ok(Response::new(
             self.0.get(&request.get_ref().order_id).await?,
         ))
+    }
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let states = self.0.watch(&request.get_ref().order_id).await?;
+        Ok(Response::new(Box::pin(
+            states.map(|s| s.map_err(Status::from)),
+        )))
     }
 }

@@ -7,6 +7,8 @@
 //!   are thin adapters over it; [`error`] maps failures to status codes.
 //! - [`consumer`]: consumes `payments` and `inventory`, decides CONFIRMED
 //!   or CANCELLED; [`deadline`] cancels orders whose results never came.
+//! - [`watch`]: `WatchOrder` (gRPC stream and Server-Sent Events), fed by
+//!   PostgreSQL notifications from the transactions that change orders.
 //! - [`build`]: wires it together on the skeleton of `common::service`.
 
 pub mod api;
@@ -17,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod rest;
 pub mod store;
+pub mod watch;
 
 use std::{
     net::SocketAddr,
@@ -91,7 +94,10 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         orders_topic: orders_topic.clone(),
         deadline: config.deadline,
         outbox: service.outbox(),
+        watchers: watch::Watchers::default(),
+        shutdown: service.shutdown().clone(),
     };
+    let watchers = api.watchers.clone();
     // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.
     let grpc_api = OrderServiceServer::new(grpc::OrderGrpc(api.clone()));
     service
@@ -124,5 +130,11 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         service.shutdown().clone(),
     );
     service.spawn("deadline sweeper", sweeper);
+    let listener = watch::listen(
+        watch::listener_pool(&service.pool),
+        watchers,
+        service.shutdown().clone(),
+    );
+    service.spawn("order change listener", listener);
     Ok(service.started())
 }

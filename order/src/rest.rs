@@ -1,16 +1,28 @@
 //! The REST/JSON shim: the original system's routes, canonical proto3 JSON
 //! (pbjson; `snake_case` and lowerCamelCase both accepted), and errors as
 //! `{code, message, details}` with grpc-gateway's status mapping.
+//! `WatchOrder` is served as Server-Sent Events, and the `OpenAPI` (v2)
+//! description of these routes, generated from the proto's `google.api.http`
+//! annotations (`clients/generate.sh`), at `GET /openapi.json`.
+
+use std::convert::Infallible;
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
+    extract::{
+        DefaultBodyLimit, Path, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::{get, post},
 };
 use common::rest::ApiError;
+use futures::StreamExt;
 use shop_proto::order::CreateOrderRequest;
 
 use crate::api::OrderApi;
@@ -18,10 +30,15 @@ use crate::api::OrderApi;
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// The `OpenAPI` v2 description of this shim, as committed.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
 pub fn router(api: OrderApi) -> Router {
     Router::new()
         .route("/api/v1/orders", post(create_order))
         .route("/api/v1/orders/{order_id}", get(get_order))
+        .route("/api/v1/orders/{order_id}/events", get(watch_order))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError(tonic::Status::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             let mut response = ApiError(tonic::Status::unimplemented(
@@ -68,8 +85,56 @@ async fn create_order(
 
 async fn get_order(
     State(api): State<OrderApi>,
-    Path(order_id): Path<String>,
+    order_id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let order_id = path(order_id)?;
     let order = api.get(&order_id).await.map_err(tonic::Status::from)?;
     Ok(Json(order).into_response())
+}
+
+/// `WatchOrder` as Server-Sent Events: one event per state, its `data` the
+/// order in proto3 JSON; the response ends after the final state. An error
+/// before the first state is a plain JSON error response; one after it (the
+/// service shutting down, the database failing) is a last event named
+/// `error` whose data is `{code, message, details}`. A comment line every
+/// 15 s keeps idle proxies from closing the connection.
+async fn watch_order(
+    State(api): State<OrderApi>,
+    order_id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let order_id = path(order_id)?;
+    let states = api.watch(&order_id).await.map_err(tonic::Status::from)?;
+    let events = states.map(|state| {
+        Ok::<_, Infallible>(match state {
+            Ok(order) => Event::default().json_data(order).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot encode an order as JSON");
+                error_event(&tonic::Status::internal("cannot encode the order"))
+            }),
+            Err(e) => error_event(&tonic::Status::from(e)),
+        })
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The path's order id; a path axum cannot decode (bad percent-encoding,
+/// not UTF-8) is a JSON 400 like any bad input, not axum's plain text.
+fn path(order_id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    order_id
+        .map(|Path(id)| id)
+        .map_err(|e| ApiError::invalid_argument(e.body_text()))
+}
+
+fn error_event(status: &tonic::Status) -> Event {
+    let body = serde_json::json!({
+        "code": status.code() as i32,
+        "message": status.message(),
+        "details": [],
+    });
+    Event::default().event("error").data(body.to_string())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }

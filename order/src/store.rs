@@ -224,6 +224,22 @@ struct OrderRow {
     updated_at: DateTime<Utc>,
 }
 
+/// Tells the order's watchers (on every order replica, see [`crate::watch`])
+/// that these orders changed. Call it in the transaction that changes them:
+/// PostgreSQL delivers the notification when, and only if, it commits.
+/// Notifying an order twice in one transaction delivers it once.
+pub async fn notify_changed(conn: &mut PgConnection, order_ids: &[Uuid]) -> sqlx::Result<()> {
+    if order_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, id::text) FROM UNNEST($2::uuid[]) AS id")
+        .bind(crate::watch::CHANNEL)
+        .bind(order_ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Reads an order with its items.
 pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Order>> {
     let row: Option<OrderRow> = sqlx::query_as(
