@@ -47,6 +47,12 @@ trap cleanup EXIT
 
 log "buf lint (buf.yaml)"
 buf lint || die "buf lint found problems in proto/ (see buf.yaml for the rules)"
+# A shallow clone has no released proto/ to compare with: fetch the history
+# if the origin can give it, otherwise the comparison would be with itself.
+if [[ "$(git rev-parse --is-shallow-repository 2>/dev/null)" == true ]]; then
+  git fetch --quiet --unshallow 2>/dev/null ||
+    log "warning: shallow clone without reachable history: buf breaking compares with this commit"
+fi
 baseline="$(git describe --tags --abbrev=0 2>/dev/null ||
   git log --diff-filter=A --format=%H -- proto/shop | tail -n 1)"
 [[ -n "$baseline" ]] || die "no commit with proto/shop to compare with (a shallow clone?)"

@@ -192,6 +192,7 @@ async fn a_watcher_on_another_replica_gets_the_changes() {
     let mut cfg = order::Config::from_env().expect("order config");
     cfg.grpc_addr = e2e::free_addr();
     cfg.http_addr = e2e::free_addr();
+    cfg.metrics_addr = e2e::free_addr();
     // This replica sweeps once at start, before the order exists: the
     // cancellation is the first replica's.
     cfg.sweep_interval = Duration::from_secs(3600);
@@ -249,13 +250,27 @@ async fn a_change_made_while_the_listener_is_down_is_not_lost() {
     // One connection held for the test: new ones are refused below.
     let mut conn = p.orders_db.acquire().await.unwrap();
     let database = format!("t_{}_orders", p.id);
+    let listening =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE 'LISTEN%'";
+    // The listener connects in the background after start-up (slowly when
+    // many tests start at once): wait for it before shutting the door.
+    let mut tries = 0;
+    while sqlx::query_scalar::<_, i64>(listening)
+        .bind(&database)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        == 0
+    {
+        tries += 1;
+        assert!(tries < 600, "the listener never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let limit = |n: i32| format!("ALTER DATABASE \"{database}\" CONNECTION LIMIT {n}");
     sqlx::raw_sql(sqlx::AssertSqlSafe(limit(0)))
         .execute(&mut *conn)
         .await
         .unwrap();
-    let listening =
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE 'LISTEN%'";
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = $1 AND query ILIKE 'LISTEN%') AS t",
