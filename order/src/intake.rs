@@ -142,7 +142,14 @@ impl Default for Guard {
 #[derive(Debug)]
 struct RateLimiter {
     rate: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    by_client: HashMap<String, Bucket>,
+    /// When refilled buckets were last dropped (at most once a second).
+    swept: Instant,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -155,17 +162,26 @@ impl RateLimiter {
     fn new(rate: u32) -> Self {
         Self {
             rate: f64::from(rate),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                by_client: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
     /// Takes a token of `client`'s, or returns how long until one is there.
     fn check(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() > EVICT_ABOVE {
-            let full_after = Duration::from_secs(1);
-            buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+        let mut guard = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let full_after = Duration::from_secs(1);
+        if guard.by_client.len() > EVICT_ABOVE
+            && now.saturating_duration_since(guard.swept) >= full_after
+        {
+            guard
+                .by_client
+                .retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+            guard.swept = now;
         }
+        let buckets = &mut guard.by_client;
         if !buckets.contains_key(client) {
             let full = Bucket {
                 tokens: self.rate,
@@ -225,7 +241,7 @@ mod tests {
         }
         let later = t0 + Duration::from_secs(2);
         assert!(limiter.check("new", later).is_ok());
-        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        assert_eq!(limiter.buckets.lock().unwrap().by_client.len(), 1);
     }
 
     #[test]
