@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use tonic::Code;
@@ -30,6 +30,10 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
+/// The metadata key of a status that asks the caller to wait (whole
+/// seconds); the HTTP response carries it as the `Retry-After` header.
+pub const RETRY_AFTER: &str = "retry-after";
+
 /// A gRPC status rendered as an HTTP response.
 #[derive(Debug)]
 pub struct ApiError(pub tonic::Status);
@@ -53,13 +57,35 @@ impl IntoResponse for ApiError {
             "message": self.0.message(),
             "details": [],
         });
-        (http_status(self.0.code()), Json(body)).into_response()
+        let mut response = (http_status(self.0.code()), Json(body)).into_response();
+        if let Some(wait) = self
+            .0
+            .metadata()
+            .get(RETRY_AFTER)
+            .and_then(|v| HeaderValue::from_bytes(v.as_encoded_bytes()).ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, wait);
+        }
+        response
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_metadata_becomes_the_header() {
+        let mut status = tonic::Status::resource_exhausted("slow down");
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER, tonic::metadata::MetadataValue::from(3u64));
+        let response = ApiError(status).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let plain = ApiError(tonic::Status::not_found("x")).into_response();
+        assert!(plain.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn maps_like_grpc_gateway() {

@@ -266,7 +266,10 @@ impl Service {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, router)
+            // The peer address reaches handlers as `ConnectInfo<SocketAddr>`
+            // (order's rate limit keys clients by it).
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await?;
             tracing::info!("REST server stopped");

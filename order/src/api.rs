@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::{
     domain::{self, Invalid, NewOrder, Price},
     error::OrderError,
-    store, watch,
+    intake, store, watch,
 };
 
 /// Longest accepted idempotency key.
@@ -36,16 +36,26 @@ pub struct OrderApi {
     pub watchers: watch::Watchers,
     /// Ends the watchers' streams, so that shutdown does not wait on them.
     pub shutdown: CancellationToken,
+    /// Admission to `CreateOrder` (see [`crate::intake`]).
+    pub intake: intake::Guard,
 }
 
 impl OrderApi {
     /// Validates, prices and stores an order; publishes `OrderCreated`
-    /// through the outbox.
-    pub async fn create(&self, req: &CreateOrderRequest) -> Result<Order, OrderError> {
+    /// through the outbox. `client` is the caller's key for the rate limit
+    /// ([`intake::client_key`]). A call admitted waits at most the queue
+    /// timeout for a database connection, then is shed with UNAVAILABLE
+    /// rather than queued behind the others.
+    pub async fn create(
+        &self,
+        req: &CreateOrderRequest,
+        client: &str,
+    ) -> Result<Order, OrderError> {
         let catalog = self
             .catalog
             .get()
             .ok_or_else(|| OrderError::Unavailable(self.readiness.unavailable()))?;
+        let _admitted = self.intake.admit(client)?;
         let new = domain::validate(req)?;
         tracing::Span::current().record("customer_id", new.customer_id.as_str());
         let (lines, currency, total) = domain::price(&new, catalog)?;
@@ -57,8 +67,13 @@ impl OrderApi {
             .into());
         }
         let hash = request_hash(&new);
+        let mut conn = tokio::time::timeout(self.intake.queue_timeout(), self.pool.acquire())
+            .await
+            .map_err(|_| OrderError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            })??;
         let order = store::create_order(
-            &self.pool,
+            &mut conn,
             store::Insert {
                 customer_id: &new.customer_id,
                 lines: &lines,

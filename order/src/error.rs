@@ -1,9 +1,14 @@
 //! The order service's errors, mapped once to `tonic::Status` (and from
 //! there to HTTP by `common::rest`). Internal details are logged, never sent.
 
-use tonic::Status;
+use std::time::Duration;
 
-use crate::domain::{Invalid, PricingError};
+use tonic::{Status, metadata::MetadataValue};
+
+use crate::{
+    domain::{Invalid, PricingError},
+    intake::retry_after_secs,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
@@ -21,6 +26,16 @@ pub enum OrderError {
     /// refused): the readiness's answer.
     #[error("{}", .0.message())]
     Unavailable(Status),
+    /// The client's `CreateOrder` rate is spent (see [`crate::intake`]).
+    #[error("rate limit exceeded for this client; retry after {}s", retry_after_secs(*.retry_after))]
+    RateLimited { retry_after: Duration },
+    /// The service already serves `INTAKE_MAX_IN_FLIGHT` `CreateOrder` calls.
+    #[error("too many orders in flight; retry after {}s", retry_after_secs(*.retry_after))]
+    TooManyInFlight { retry_after: Duration },
+    /// No database connection came within `INTAKE_QUEUE_TIMEOUT_MS`: shed
+    /// rather than queued.
+    #[error("overloaded: no database connection free; retry after {}s", retry_after_secs(*.retry_after))]
+    Overloaded { retry_after: Duration },
 }
 
 impl From<OrderError> for Status {
@@ -35,6 +50,23 @@ impl From<OrderError> for Status {
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
             OrderError::Unavailable(status) => status,
             OrderError::Db(db) => common::error::db_status(&db),
+            OrderError::RateLimited { retry_after }
+            | OrderError::TooManyInFlight { retry_after } => {
+                with_retry_after(Status::resource_exhausted(e.to_string()), retry_after)
+            }
+            OrderError::Overloaded { retry_after } => {
+                with_retry_after(Status::unavailable(e.to_string()), retry_after)
+            }
         }
     }
+}
+
+/// `retry-after` (whole seconds) in the status's metadata: a gRPC client
+/// reads it there, and `common::rest` turns it into the HTTP header.
+fn with_retry_after(mut status: Status, wait: Duration) -> Status {
+    status.metadata_mut().insert(
+        common::rest::RETRY_AFTER,
+        MetadataValue::from(retry_after_secs(wait)),
+    );
+    status
 }

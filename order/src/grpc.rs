@@ -9,7 +9,7 @@ use shop_proto::order::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::api::OrderApi;
+use crate::{api::OrderApi, intake};
 
 pub struct OrderGrpc(pub OrderApi);
 
@@ -21,7 +21,16 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        Ok(Response::new(self.0.create(request.get_ref()).await?))
+        let client = intake::client_key(
+            request
+                .metadata()
+                .get(intake::CLIENT_ID_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            request.remote_addr().map(|a| a.ip()),
+        );
+        Ok(Response::new(
+            self.0.create(request.get_ref(), &client).await?,
+        ))
     }
 
     async fn get_order(

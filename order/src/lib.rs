@@ -7,6 +7,8 @@
 //!   are thin adapters over it; [`error`] maps failures to status codes.
 //! - [`consumer`]: consumes `payments` and `inventory`, decides CONFIRMED
 //!   or CANCELLED; [`deadline`] cancels orders whose results never came.
+//! - [`intake`]: the limits on `CreateOrder` (in flight, per client rate,
+//!   database queueing).
 //! - [`watch`]: `WatchOrder` (gRPC stream and Server-Sent Events), fed by
 //!   PostgreSQL notifications from the transactions that change orders.
 //! - [`build`]: wires it together on the skeleton of `common::service`.
@@ -17,6 +19,7 @@ pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod intake;
 pub mod rest;
 pub mod store;
 pub mod watch;
@@ -49,6 +52,8 @@ pub struct Config {
     pub deadline: Duration,
     /// `ORDER_SWEEP_INTERVAL_MS` (default 1000): how often to look for them.
     pub sweep_interval: Duration,
+    /// `INTAKE_*`: the protection of `CreateOrder` (see [`intake`]).
+    pub intake: intake::Limits,
     pub db: DbConfig,
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
@@ -62,6 +67,7 @@ impl Config {
             http_addr: config::var("HTTP_ADDR", ([0, 0, 0, 0], 8081).into())?,
             deadline: Duration::from_secs(config::var("ORDER_DEADLINE_SECS", 30)?),
             sweep_interval: config::millis("ORDER_SWEEP_INTERVAL_MS", 1000)?,
+            intake: intake::Limits::from_env()?,
             db: DbConfig::from_env("orders")?,
             kafka: KafkaConfig::from_env("order")?,
             pipeline: PipelineConfig::from_env()?,
@@ -96,6 +102,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         outbox: service.outbox(),
         watchers: watch::Watchers::default(),
         shutdown: service.shutdown().clone(),
+        intake: intake::Guard::new(&config.intake),
     };
     let watchers = api.watchers.clone();
     // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.

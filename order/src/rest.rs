@@ -5,13 +5,13 @@
 //! description of these routes, generated from the proto's `google.api.http`
 //! annotations (`clients/generate.sh`), at `GET /openapi.json`.
 
-use std::convert::Infallible;
+use std::{convert::Infallible, net::SocketAddr};
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{
-        DefaultBodyLimit, Path, State,
+        ConnectInfo, DefaultBodyLimit, Path, State,
         rejection::{BytesRejection, PathRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -25,7 +25,7 @@ use common::rest::ApiError;
 use futures::StreamExt;
 use shop_proto::order::CreateOrderRequest;
 
-use crate::api::OrderApi;
+use crate::{api::OrderApi, intake};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -54,6 +54,7 @@ pub fn router(api: OrderApi) -> Router {
 
 async fn create_order(
     State(api): State<OrderApi>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -73,7 +74,16 @@ async fn create_order(
             .map_err(|_| ApiError::invalid_argument("Idempotency-Key must be visible ASCII"))?
             .to_owned();
     }
-    let order = api.create(&request).await.map_err(tonic::Status::from)?;
+    let client = intake::client_key(
+        headers
+            .get(intake::CLIENT_ID_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        peer.map(|Extension(ConnectInfo(addr))| addr.ip()),
+    );
+    let order = api
+        .create(&request, &client)
+        .await
+        .map_err(tonic::Status::from)?;
     let location = format!("/api/v1/orders/{}", order.order_id);
     Ok((
         StatusCode::CREATED,

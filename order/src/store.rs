@@ -14,7 +14,7 @@ use shop_proto::{
     events,
     order::{Order, OrderItem, OrderStatus},
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
@@ -82,15 +82,16 @@ pub struct Insert<'a> {
 
 /// Stores a new PENDING order and its `OrderCreated` event. With an
 /// idempotency key already used for the same request, returns that order
-/// instead and writes nothing.
-pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, OrderError> {
+/// instead and writes nothing. Runs on the one connection the caller got
+/// (see [`crate::api::OrderApi::create`] on shedding).
+pub async fn create_order(conn: &mut PgConnection, new: Insert<'_>) -> Result<Order, OrderError> {
     if let Some((key, hash)) = new.idempotency
-        && let Some(existing) = by_idempotency_key(pool, key, hash).await?
+        && let Some(existing) = by_idempotency_key(conn, key, hash).await?
     {
         return Ok(existing);
     }
     let order_id = Uuid::now_v7();
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
         "INSERT INTO orders (order_id, customer_id, status, currency, total_units,
                              idempotency_key, request_hash, deadline_at)
@@ -112,7 +113,7 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
         drop(tx);
         // Only the key can conflict (order ids are fresh UUIDs).
         let (key, hash) = new.idempotency.ok_or(sqlx::Error::RowNotFound)?;
-        return by_idempotency_key(pool, key, hash)
+        return by_idempotency_key(conn, key, hash)
             .await?
             .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
     };
@@ -182,24 +183,21 @@ pub async fn create_order(pool: &PgPool, new: Insert<'_>) -> Result<Order, Order
 }
 
 async fn by_idempotency_key(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     key: &str,
     hash: &[u8],
 ) -> Result<Option<Order>, OrderError> {
     let found: Option<KeyedRow> =
         sqlx::query_as("SELECT order_id, request_hash FROM orders WHERE idempotency_key = $1")
             .bind(key)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *conn)
             .await?;
     match found {
         None => Ok(None),
         Some(row) if row.request_hash.as_deref() != Some(hash) => {
             Err(OrderError::IdempotencyConflict(key.to_owned()))
         }
-        Some(row) => {
-            let mut conn = pool.acquire().await?;
-            Ok(load(&mut conn, row.order_id).await?)
-        }
+        Some(row) => Ok(load(conn, row.order_id).await?),
     }
 }
 

@@ -170,6 +170,8 @@ pub struct Options {
     /// Whether [`Pipeline::start_with`] waits until every service reports
     /// SERVING.
     pub wait_serving: bool,
+    /// The order service's intake limits, when not its environment's.
+    pub intake: Option<order::intake::Limits>,
 }
 
 impl Default for Options {
@@ -181,6 +183,7 @@ impl Default for Options {
             reuse: None,
             brokers: None,
             wait_serving: true,
+            intake: None,
         }
     }
 }
@@ -274,6 +277,9 @@ impl Pipeline {
         order_cfg.db = db(&orders_url);
         order_cfg.kafka = kafka("order");
         order_cfg.pipeline = pipeline_config();
+        if let Some(limits) = &options.intake {
+            order_cfg.intake = limits.clone();
+        }
 
         let mut tasks = vec![
             launch(payment::build(payment_cfg, shutdown.clone())),
