@@ -12,14 +12,17 @@ use shop_proto::order::order_service_client::OrderServiceClient;
 use sqlx::Connection;
 use tonic::{Code, Request};
 
-/// A rejection must come back in well under this, although the accepted
-/// calls of the same flood are still writing (debug build, two cores shared
-/// with the database and the broker).
-const FAST: Duration = Duration::from_millis(300);
+/// A rejection must come back within this, although the accepted calls of
+/// the same flood are still writing. It is a sanity bound, not a
+/// performance figure: the test suite runs in parallel on two cores shared
+/// with the database and the broker (debug build), and a rejection that
+/// queued would wait for the 5 s connection timeout or, in the in-flight
+/// test, for a table lock the test holds.
+const FAST: Duration = Duration::from_secs(1);
 
-/// An accepted call of a flood must still answer within this, far below
-/// the 5 s a call would queue for a connection without shedding.
-const ACCEPTED_WITHIN: Duration = Duration::from_secs(2);
+/// An accepted call of a flood must still answer within this, below the
+/// 5 s a call would queue for a connection without shedding.
+const ACCEPTED_WITHIN: Duration = Duration::from_secs(3);
 
 fn limits(max_in_flight: usize, rate_per_client: usize, queue_timeout: Duration) -> Options {
     Options {
