@@ -176,48 +176,42 @@ impl SagaHandler {
             Outcome::Ok => (true, String::new()),
             Outcome::Failed(r) => (false, r),
         };
+        // The first report of a side wins; another event for the same
+        // result changes nothing.
         match side {
+            Side::Payment if row.payment_status.is_some() => return Ok(()),
+            Side::Inventory if row.inventory_status.is_some() => return Ok(()),
             Side::Payment => {
-                if row.payment_status.is_some() {
-                    return Ok(()); // already reported (a different event for the same result)
-                }
-                let stored = if ok {
+                row.payment_status = Some(if ok {
                     PaymentStatus::Approved
                 } else {
                     PaymentStatus::Declined
-                };
-                sqlx::query(
-                    "UPDATE orders SET payment_status = $2, payment_reason = $3, updated_at = now() WHERE order_id = $1",
-                )
-                .bind(id)
-                .bind(stored)
-                .bind(&reason)
-                .execute(&mut *conn)
-                .await?;
-                row.payment_status = Some(stored);
+                });
                 row.payment_reason = reason;
             }
             Side::Inventory => {
-                if row.inventory_status.is_some() {
-                    return Ok(()); // already reported (a different event for the same result)
-                }
-                let stored = if ok {
+                row.inventory_status = Some(if ok {
                     InventoryStatus::Reserved
                 } else {
                     InventoryStatus::Rejected
-                };
-                sqlx::query(
-                    "UPDATE orders SET inventory_status = $2, inventory_reason = $3, updated_at = now() WHERE order_id = $1",
-                )
-                .bind(id)
-                .bind(stored)
-                .bind(&reason)
-                .execute(&mut *conn)
-                .await?;
-                row.inventory_status = Some(stored);
+                });
                 row.inventory_reason = reason;
             }
         }
+        // Both sides from the locked row: the side not reported keeps its
+        // value.
+        sqlx::query(
+            "UPDATE orders SET payment_status = $2, payment_reason = $3,
+                               inventory_status = $4, inventory_reason = $5, updated_at = now()
+             WHERE order_id = $1",
+        )
+        .bind(id)
+        .bind(row.payment_status)
+        .bind(&row.payment_reason)
+        .bind(row.inventory_status)
+        .bind(&row.inventory_reason)
+        .execute(&mut *conn)
+        .await?;
         // Recording a result moves `updated_at`, which watchers see.
         crate::store::notify_changed(conn, &[id]).await?;
         if row.status != Status::Pending {
