@@ -215,15 +215,25 @@ async fn declined_payment_cancels_and_releases_stock() {
         .await
         .expect("SetCreditLimit");
     let before = available(&p, "PROD005").await;
-    let (_, done) = p.place(order_request("CUST-POOR", "PROD005", 1)).await;
+    let (created, done) = p.place(order_request("CUST-POOR", "PROD005", 1)).await;
     assert_eq!(done.status, OrderStatus::Cancelled as i32);
     assert!(done.reason.contains("payment declined"), "{}", done.reason);
     assert!(done.reason.contains("credit"), "{}", done.reason);
-    // Inventory reserved, then released on OrderCancelled.
-    eventually("stock to be released", || async {
-        (available(&p, "PROD005").await == before).then_some(())
+    // Inventory reserved, then released on OrderCancelled (or, had the
+    // cancellation overtaken the order, reserved nothing): wait for its
+    // final word, not for a stock level it also had before reserving.
+    let order_id: uuid::Uuid = created.order_id.parse().unwrap();
+    eventually("inventory's final word on the order", || async {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(&p.inventory_db)
+                .await
+                .unwrap();
+        matches!(status.as_deref(), Some("RELEASED" | "REJECTED")).then_some(())
     })
     .await;
+    assert_eq!(available(&p, "PROD005").await, before, "stock given back");
     let reserved: i64 =
         sqlx::query_scalar("SELECT reserved FROM stock WHERE product_id = 'PROD005'")
             .fetch_one(&p.inventory_db)
