@@ -109,11 +109,23 @@ pub fn keyed_order_request(
 /// the outgoing connections of everything else on the machine take their
 /// ports: a port picked there and bound a moment later may meanwhile have
 /// become some client connection's local port.
+///
+/// A port is handed out once per test process: tests run in parallel
+/// threads, and a port picked, released and picked again before its first
+/// taker binds it would make two services fight over it.
 pub fn free_addr() -> SocketAddr {
     use rand::Rng;
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..1000 {
         let port = rand::rng().random_range(20_000..32_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            handed_out.push(port);
             return listener.local_addr().expect("bound address");
         }
     }
