@@ -58,9 +58,7 @@ async fn record_first(pool: &PgPool, cluster_id: &str) -> sqlx::Result<String> {
         .bind(cluster_id)
         .execute(pool)
         .await?;
-    sqlx::query_scalar("SELECT cluster_id FROM kafka_cluster")
-        .fetch_one(pool)
-        .await
+    recorded(pool).await?.ok_or(sqlx::Error::RowNotFound)
 }
 
 /// Why [`verify`] returned without a verified cluster.

@@ -375,9 +375,9 @@ impl<H: EventHandler> ConsumeLoop<H> {
     }
 
     fn decode(&self, m: &OwnedMessage) -> Decoded<H::Event> {
-        let headers = m.headers();
-        let event_type = headers.and_then(|h| kafka::header_str(h, header::EVENT_TYPE));
-        let event_id = headers
+        let event_type = event_type(m);
+        let event_id = m
+            .headers()
             .and_then(|h| kafka::header_str(h, header::EVENT_ID))
             .and_then(|v| Uuid::parse_str(v).ok());
         let (Some(event_type), Some(event_id)) = (event_type, event_id) else {

@@ -275,12 +275,6 @@ impl Relay {
         if !locked {
             return Ok(0); // another replica's relay is publishing
         }
-        // Marking rows published is the one write whose loss is harmless:
-        // a lost mark republishes the batch, and consumers drop the
-        // duplicates. It need not wait for the WAL flush.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
         let rows: Vec<PendingRow> = sqlx::query_as(
             "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
              FROM outbox
@@ -312,6 +306,13 @@ impl Relay {
             delivery.map_err(|(e, _)| e)?;
         }
         drop(spans);
+        // Marking rows published is the one write whose loss is harmless:
+        // a lost mark republishes the batch, and consumers drop the
+        // duplicates. It need not wait for the WAL flush. (Set only when
+        // there is something to mark: empty polls pay no extra round trip.)
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(&ids)

@@ -32,12 +32,6 @@ impl Carrier {
         carrier
     }
 
-    /// The context of the current span.
-    #[must_use]
-    pub fn current() -> Self {
-        Self::of(&tracing::Span::current())
-    }
-
     /// From stored values (an outbox row).
     #[must_use]
     pub fn from_parts(traceparent: Option<String>, tracestate: Option<String>) -> Self {
