@@ -139,6 +139,28 @@ pub trait EventHandler: Send + Sync + 'static {
         meta: &EventMeta,
         event: Self::Event,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Applies a batch's new events, in their order, inside the batch's
+    /// transaction. The default applies them one by one with
+    /// [`EventHandler::apply`]; a handler overrides it to apply the batch in
+    /// a few set-based statements instead of a few per event. It must have
+    /// the same effect as the default. It need not isolate a bad record:
+    /// when it fails, the loop rolls the batch back and replays it one record
+    /// per transaction through [`EventHandler::apply`].
+    fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<(&EventMeta, Self::Event)>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for (meta, event) in events {
+                self.apply(conn, meta, event)
+                    .instrument(meta.span.clone())
+                    .await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Decodes a prost message, mapping the error for [`EventHandler::decode`].
@@ -467,18 +489,19 @@ impl<H: EventHandler> ConsumeLoop<H> {
             let metas: Vec<&EventMeta> = events.iter().map(|(_, meta, _)| meta).collect();
             let mut fresh = record_processed(&mut tx, &metas).await?;
             let mut duplicates: HashMap<&str, i64> = HashMap::new();
+            let mut new = Vec::with_capacity(events.len());
             for (_, meta, event) in &events {
                 // `remove` also drops a second copy within the same batch.
                 if fresh.remove(&meta.event_id) {
-                    self.handler
-                        .apply(&mut tx, meta, event.clone())
-                        .instrument(meta.span.clone())
-                        .await?;
+                    new.push((meta, event.clone()));
                     metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Applied);
                 } else {
                     *duplicates.entry(meta.topic.as_str()).or_default() += 1;
                     metrics::consumed(&meta.topic, Some(&meta.event_type), Outcome::Duplicate);
                 }
+            }
+            if !new.is_empty() {
+                self.handler.apply_all(&mut tx, new).await?;
             }
             for (topic, n) in duplicates {
                 count(&mut tx, topic, "duplicates_suppressed", n).await?;

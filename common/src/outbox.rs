@@ -36,6 +36,10 @@ pub struct OutboxEvent {
     pub event_type: &'static str,
     pub event_id: Uuid,
     pub payload: Vec<u8>,
+    /// The trace context of what caused the event, when it is not the
+    /// current span at [`enqueue`] (a set-based consumer writes the events
+    /// of many records, or a group commit those of many requests, at once).
+    pub cause: Option<Carrier>,
 }
 
 impl OutboxEvent {
@@ -52,13 +56,23 @@ impl OutboxEvent {
             event_type: M::EVENT_TYPE,
             event_id,
             payload: message.encode_to_vec(),
+            cause: None,
         }
+    }
+
+    /// Records `span` (a consumed record's or a request's) as the cause whose
+    /// trace the event continues, instead of the span current at [`enqueue`].
+    #[must_use]
+    pub fn caused_by(mut self, span: &tracing::Span) -> Self {
+        self.cause = Some(Carrier::of(span));
+        self
     }
 }
 
 /// Writes events into the outbox on the caller's transaction, in order,
-/// with the trace context of the current span (the request or the consumed
-/// record that caused them).
+/// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or
+/// else of the current span (the request or the consumed record that caused
+/// them).
 pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::Result<()> {
     if events.is_empty() {
         return Ok(());
@@ -75,12 +89,20 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    let causes: Vec<&Carrier> = events
+        .iter()
+        .map(|e| e.cause.as_ref().unwrap_or(&trace))
+        .collect();
+    let traceparents: Vec<Option<&str>> = causes.iter().map(|c| c.traceparent()).collect();
+    let tracestates: Vec<Option<&str>> = causes.iter().map(|c| c.tracestate()).collect();
     // WITH ORDINALITY keeps the caller's order in the bigserial ids.
     sqlx::query(
         "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
-         SELECT topic, key, event_type, event_id, payload, $6, $7
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[])
-              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload, n)
+         SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                     $6::text[], $7::text[])
+              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                                   traceparent, tracestate, n)
          ORDER BY n",
     )
     .bind(&topics)
@@ -88,8 +110,8 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     .bind(&types)
     .bind(&ids)
     .bind(&payloads)
-    .bind(trace.traceparent())
-    .bind(trace.tracestate())
+    .bind(&traceparents)
+    .bind(&tracestates)
     .execute(conn)
     .instrument(span)
     .await?;
