@@ -1,56 +1,37 @@
 #!/usr/bin/env bash
-# Bounded load test of a pipeline started by up.sh, on loopback only.
-#   1. ghz sends ORDERS CreateOrder calls (ghz/create_order.json) and prints
-#      the intake latency and rate.
-#   2. Then it waits until every one of those orders is decided and prints
-#      the end-to-end rate: orders created -> CONFIRMED/CANCELLED per second.
-#   3. k6 posts REST orders at a constant K6_RATE per second (default 200)
-#      for K6_DURATION (default 20s) and prints latency at that steady rate.
+# The benchmark (issue 11, BENCHMARKS.md) in one command, on the stack of this checkout: starts it
+# with up.sh when order is not SERVING, builds bench-echo (the tonic ceiling), then runs
+# deploy/local/bench.py: the pgbench and echo ceilings, a closed-model run at 50 callers,
+# fixed-rate runs at 1,000 orders/s over gRPC (ghz) and REST (k6), and a fixed-rate run at the
+# target rate. Prints every figure with its target and ratio; writes
+# bench-results/<timestamp>/{summary.json,samples.csv,chart.png}. Loopback only, bounded.
 #
-# usage: deploy/local/bench.sh [ORDERS (default 20000)] [CONCURRENCY (default 50)]
-#   env: the ports of up.sh (SHOP_PORT_OFFSET, PGPORT, ORDER_GRPC_PORT, ...), K6_RATE, K6_DURATION
+# usage: deploy/local/bench.sh
+#   env: BENCH_* settings (see the head of bench.py; e.g. BENCH_TARGET_RATE=2000,
+#        BENCH_PHASES=closed-50,grpc-1000), the ports of up.sh (SHOP_PORT_OFFSET, ...)
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
-orders="${1:-20000}"
-concurrency="${2:-50}"
-db="$(pg_url orders)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SHOP_CACHE_DIR/target}"
 
 "$REPO/deploy/local/tools.sh" ghz k6 grpcurl grpc-health-probe
-grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null ||
-  die "order is not SERVING on 127.0.0.1:$ORDER_GRPC_PORT: run deploy/local/up.sh (same SHOP_PORT_OFFSET)"
+command -v pgbench >/dev/null || die "pgbench is missing (it comes with PostgreSQL: run deploy/local/postgres.sh start)"
+if ! grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null 2>&1; then
+  log "order is not SERVING on 127.0.0.1:$ORDER_GRPC_PORT: starting the stack with up.sh"
+  "$REPO/deploy/local/up.sh"
+fi
 
-# Restock generously so that the benchmark measures the pipeline, not stock-outs.
-for product in PROD013 PROD014; do
-  grpcurl -plaintext -d "{\"product_id\":\"$product\",\"available\":100000000}" \
-    "127.0.0.1:$INVENTORY_GRPC_PORT" shop.inventory.v1.InventoryService/SetStock >/dev/null
-done
+log "building bench-echo (release)"
+cargo build --release --quiet -p bench-echo
+export BENCH_ECHO_BIN="$CARGO_TARGET_DIR/release/bench-echo"
 
-run="bench-$(date +%s)"
-start="$(psql -qAt "$db" -c "SELECT now()")"
-log "ghz: $orders CreateOrder calls, concurrency $concurrency (customers $run-N)"
-# The host argument overrides the config's 127.0.0.1:50051 (SHOP_PORT_OFFSET moves it).
-ghz --config ghz/create_order.json -n "$orders" -c "$concurrency" \
-  -d "{\"customer_id\":\"$run-{{.RequestNumber}}\",\"items\":[{\"product_id\":\"PROD013\",\"quantity\":1},{\"product_id\":\"PROD014\",\"quantity\":1}]}" \
-  "127.0.0.1:$ORDER_GRPC_PORT"
-
-log "waiting until every order of this run is decided (up to 300 s)"
-query="SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*),
-              count(*) FILTER (WHERE status = 'CONFIRMED'),
-              round(extract(epoch FROM max(updated_at) - min(created_at))::numeric, 2)
-       FROM orders WHERE created_at >= '$start' AND customer_id LIKE '$run-%'"
-deadline=$((SECONDS + 300))
-while :; do
-  IFS='|' read -r pending total confirmed seconds < <(psql -qAt "$db" -c "$query")
-  [[ "$pending" == 0 && "$total" -gt 0 ]] && break
-  ((SECONDS < deadline)) || die "still $pending of $total orders pending after 300 s"
-  sleep 1
-done
-rate="$(awk -v n="$total" -v s="$seconds" 'BEGIN { printf "%.0f", (s > 0 ? n / s : 0) }')"
-printf '\nend to end: %s orders (%s confirmed) created and decided in %s s: %s orders/s\n' \
-  "$total" "$confirmed" "$seconds" "$rate"
-
-log "k6: REST POST /api/v1/orders at ${K6_RATE:-200}/s for ${K6_DURATION:-20s} (ghz/k6/rest_orders.js)"
-k6 run -q -e BASE_URL="http://127.0.0.1:$ORDER_HTTP_PORT" -e RATE="${K6_RATE:-200}" -e DURATION="${K6_DURATION:-20s}" ghz/k6/rest_orders.js
+# matplotlib for the chart, in a private virtualenv (first run only).
+venv="$SHOP_CACHE_DIR/bench-venv"
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
+  log "installing matplotlib into $venv (first run only)"
+  python3 -m venv "$venv" || die "python3 -m venv failed"
+  "$venv/bin/pip" install -q "matplotlib==3.11.*" || die "pip install matplotlib failed"
+fi
+exec "$venv/bin/python" "$REPO/deploy/local/bench.py"
