@@ -1,7 +1,7 @@
-//! `bench-echo`: the ceiling the benchmark compares CreateOrder with
+//! `bench-echo`: the ceiling the benchmark compares `CreateOrder` with
 //! (issue 11, target 4). It serves `shop.order.v1.OrderService` through the
 //! very router order uses (`common::grpc`: metrics layer, request spans,
-//! health, reflection, TCP_NODELAY), so ghz drives it with the same config
+//! health, reflection, `TCP_NODELAY`), so ghz drives it with the same config
 //! and payload; its `CreateOrder` turns the request into a PENDING order
 //! without validating, storing or publishing anything. The ratio of
 //! CreateOrder/s to echo/s is what the order's own work costs.
