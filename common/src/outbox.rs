@@ -56,6 +56,19 @@ impl OutboxEvent {
     }
 }
 
+/// The span of an outbox write, a child of the current span (the request or
+/// the consumed record that causes the events). The rows keep its context,
+/// so that the relay's producer span and every consumer continue the trace.
+#[must_use]
+pub fn write_span(events: usize, event_type: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "outbox write",
+        otel.kind = "internal",
+        events = events,
+        event_type = event_type,
+    )
+}
+
 /// Writes events into the outbox on the caller's transaction, in order,
 /// with the trace context of the current span (the request or the consumed
 /// record that caused them).
@@ -63,24 +76,52 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     if events.is_empty() {
         return Ok(());
     }
-    let span = tracing::info_span!(
-        "outbox write",
-        otel.kind = "internal",
-        events = events.len(),
-        event_type = events[0].event_type,
-    );
+    let span = write_span(events.len(), events[0].event_type);
     let trace = Carrier::of(&span);
+    let traces = vec![&trace; events.len()];
+    insert(conn, events, &traces).instrument(span).await
+}
+
+/// Writes events that come from different requests, each with the trace
+/// context its request captured ([`write_span`] in the request's span, then
+/// [`Carrier::of`]), in one statement. A writer that coalesces requests
+/// (order's group commit) uses it: the rows must continue their own
+/// request's trace, not the writer's.
+///
+/// # Panics
+/// When `events` and `traces` differ in length.
+pub async fn enqueue_traced(
+    conn: &mut PgConnection,
+    events: &[OutboxEvent],
+    traces: &[&Carrier],
+) -> sqlx::Result<()> {
+    assert_eq!(events.len(), traces.len(), "one trace context per event");
+    if events.is_empty() {
+        return Ok(());
+    }
+    insert(conn, events, traces).await
+}
+
+async fn insert(
+    conn: &mut PgConnection,
+    events: &[OutboxEvent],
+    traces: &[&Carrier],
+) -> sqlx::Result<()> {
     let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    let parents: Vec<Option<&str>> = traces.iter().map(|t| t.traceparent()).collect();
+    let states: Vec<Option<&str>> = traces.iter().map(|t| t.tracestate()).collect();
     // WITH ORDINALITY keeps the caller's order in the bigserial ids.
     sqlx::query(
         "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
-         SELECT topic, key, event_type, event_id, payload, $6, $7
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[])
-              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload, n)
+         SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                     $6::text[], $7::text[])
+              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                                   traceparent, tracestate, n)
          ORDER BY n",
     )
     .bind(&topics)
@@ -88,10 +129,9 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     .bind(&types)
     .bind(&ids)
     .bind(&payloads)
-    .bind(trace.traceparent())
-    .bind(trace.tracestate())
+    .bind(&parents)
+    .bind(&states)
     .execute(conn)
-    .instrument(span)
     .await?;
     Ok(())
 }

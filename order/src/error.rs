@@ -22,6 +22,12 @@ pub enum OrderError {
     IdempotencyConflict(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The group-commit transaction that carried this request failed; the
+    /// writer logged the cause once for the whole group (see
+    /// [`crate::group_commit`]). `unavailable`: the database could not be
+    /// reached within the caller's wait, so a retry may succeed.
+    #[error("the order could not be written (database unavailable: {unavailable})")]
+    WriteFailed { unavailable: bool },
     /// Start-up has not finished (database or broker not reached yet, or
     /// refused): the readiness's answer.
     #[error("{}", .0.message())]
@@ -50,6 +56,11 @@ impl From<OrderError> for Status {
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
             OrderError::Unavailable(status) => status,
             OrderError::Db(db) => common::error::db_status(&db),
+            // The same answers as db_status gives, whose log line the writer wrote.
+            OrderError::WriteFailed { unavailable: true } => {
+                Status::unavailable("database unavailable; retry later")
+            }
+            OrderError::WriteFailed { unavailable: false } => Status::internal("internal error"),
             OrderError::RateLimited { retry_after }
             | OrderError::TooManyInFlight { retry_after } => {
                 with_retry_after(Status::resource_exhausted(e.to_string()), retry_after)
