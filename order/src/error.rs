@@ -38,9 +38,10 @@ pub enum OrderError {
     /// The service already serves `INTAKE_MAX_IN_FLIGHT` `CreateOrder` calls.
     #[error("too many orders in flight; retry after {}s", retry_after_secs(*.retry_after))]
     TooManyInFlight { retry_after: Duration },
-    /// No database connection came within `INTAKE_QUEUE_TIMEOUT_MS`: shed
-    /// rather than queued.
-    #[error("overloaded: no database connection free; retry after {}s", retry_after_secs(*.retry_after))]
+    /// No group-commit writer took the request within
+    /// `INTAKE_QUEUE_TIMEOUT_MS`, or `INTAKE_QUEUE_MAX` requests were
+    /// already waiting: shed rather than queued.
+    #[error("overloaded: no order writer free; retry after {}s", retry_after_secs(*.retry_after))]
     Overloaded { retry_after: Duration },
 }
 
