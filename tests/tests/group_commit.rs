@@ -84,40 +84,30 @@ async fn in_one_group(
     requests: Vec<CreateOrderRequest>,
     queued: usize,
 ) -> Vec<Result<Order, tonic::Status>> {
-    let mut lock = sqlx::PgConnection::connect(&orders_url(p))
-        .await
-        .expect("connect");
-    sqlx::raw_sql("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
-        .execute(&mut lock)
-        .await
-        .expect("lock orders");
-    let orders = p.orders().await;
-    // One plug per writer, each alone in its group, held by the lock.
-    let plugs: Vec<_> = (0..WRITERS)
-        .map(|i| {
-            let mut orders = orders.clone();
-            tokio::spawn(async move {
-                orders
-                    .create_order(order_request(&format!("PLUG{i}"), "PROD001", 1))
-                    .await
-            })
-        })
-        .collect();
-    eventually("every writer to wait on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE 'INSERT INTO orders%'",
-        )
-        .fetch_one(&p.orders_db)
-        .await
-        .ok()?;
-        (usize::try_from(waiting).ok()? == WRITERS).then_some(())
-    })
-    .await;
-    let calls: Vec<_> = requests
-        .into_iter()
-        .map(|request| {
+    let held = Held::start(p, requests, queued).await;
+    held.release().await
+}
+
+type Call = tokio::task::JoinHandle<Result<Order, tonic::Status>>;
+
+/// Requests queued behind writers that the lock holds.
+struct Held {
+    lock: sqlx::PgConnection,
+    plugs: Vec<Call>,
+    calls: Vec<Call>,
+}
+
+impl Held {
+    async fn start(p: &Pipeline, requests: Vec<CreateOrderRequest>, queued: usize) -> Self {
+        let mut lock = sqlx::PgConnection::connect(&orders_url(p))
+            .await
+            .expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
+            .execute(&mut lock)
+            .await
+            .expect("lock orders");
+        let orders = p.orders().await;
+        let send = |request: CreateOrderRequest| {
             let mut orders = orders.clone();
             tokio::spawn(async move {
                 orders
@@ -125,24 +115,46 @@ async fn in_one_group(
                     .await
                     .map(tonic::Response::into_inner)
             })
+        };
+        // One plug per writer, each alone in its group, held by the lock.
+        let plugs: Vec<Call> = (0..WRITERS)
+            .map(|i| send(order_request(&format!("PLUG{i}"), "PROD001", 1)))
+            .collect();
+        eventually("every writer to wait on the lock", || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE 'INSERT INTO orders%'",
+            )
+            .fetch_one(&p.orders_db)
+            .await
+            .ok()?;
+            (usize::try_from(waiting).ok()? == WRITERS).then_some(())
         })
-        .collect();
-    eventually("the requests to queue behind the busy writers", || async {
-        (metric("shop_order_intake_queued") == queued).then_some(())
-    })
-    .await;
-    sqlx::raw_sql("COMMIT")
-        .execute(&mut lock)
-        .await
-        .expect("unlock");
-    for plug in join_all(plugs).await {
-        plug.expect("plug task").expect("plug order accepted");
+        .await;
+        let calls: Vec<Call> = requests.into_iter().map(send).collect();
+        eventually("the requests to queue behind the busy writers", || async {
+            (metric("shop_order_intake_queued") == queued).then_some(())
+        })
+        .await;
+        Self { lock, plugs, calls }
     }
-    join_all(calls)
-        .await
-        .into_iter()
-        .map(|r| r.expect("call task"))
-        .collect()
+
+    /// Lets the writers go; each call's result, in order.
+    async fn release(mut self) -> Vec<Result<Order, tonic::Status>> {
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut self.lock)
+            .await
+            .expect("unlock");
+        for plug in join_all(self.plugs).await {
+            plug.expect("plug task").expect("plug order accepted");
+        }
+        join_all(self.calls)
+            .await
+            .into_iter()
+            .map(|r| r.expect("call task"))
+            .collect()
+    }
 }
 
 fn orders_url(p: &Pipeline) -> String {
@@ -398,4 +410,33 @@ async fn a_request_the_database_refuses_fails_alone_and_the_group_is_replayed() 
         .expect("count");
     assert_eq!(stored, 5);
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_queued_when_shutdown_starts_are_written_and_answered() {
+    const N: usize = 20;
+    let _serial = SERIAL.lock().await;
+    let p = start().await;
+    let orders_db = p.orders_db.clone();
+    let requests = (0..N)
+        .map(|i| order_request(&format!("S{i}"), "PROD007", 1))
+        .collect();
+    let held = Held::start(&p, requests, N).await;
+    // SIGTERM's path: the servers stop accepting and wait for these calls,
+    // which wait for the writers, which wait for the lock.
+    let mut stopping = Box::pin(tokio::time::timeout(Duration::from_secs(60), p.stop()));
+    // Polled once: the shutdown token is cancelled now, before the release.
+    assert!(futures::poll!(&mut stopping).is_pending(), "calls are held");
+    let (results, stopped) = tokio::join!(held.release(), stopping);
+    stopped.expect("shutdown completes once the calls are answered");
+    let ids: Vec<Uuid> = results
+        .iter()
+        .map(|r| uuid(r.as_ref().expect("accepted before shutdown, so written")))
+        .collect();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&orders_db)
+        .await
+        .expect("count");
+    assert_eq!(stored, i64::try_from(N).expect("N"));
 }
