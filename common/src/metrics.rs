@@ -18,6 +18,8 @@
 //! | [`EVENTS_CONSUMED`] | counter | `topic`, `event_type`, `outcome` | the consume loop: applied, duplicate, `dead_lettered`, skipped |
 //! | [`CONSUMER_LAG`] | gauge | `topic`, `partition` | librdkafka statistics, every 5 s |
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
+//! | [`ORDER_GROUP_SIZE`] | histogram | | order, `CreateOrder` requests per group-commit transaction |
+//! | [`ORDER_INTAKE_QUEUED`] | gauge | | order, `CreateOrder` requests waiting for a group-commit writer |
 //!
 //! Counters that follow a database transaction (applied, duplicate, orders
 //! decided) count only once it committed: see [`on_commit`].
@@ -53,6 +55,11 @@ pub const OUTBOX_PENDING: &str = "shop_outbox_pending";
 pub const EVENTS_CONSUMED: &str = "shop_events_consumed_total";
 pub const CONSUMER_LAG: &str = "shop_consumer_lag";
 pub const DB_POOL_CONNECTIONS: &str = "shop_db_pool_connections";
+pub const ORDER_GROUP_SIZE: &str = "shop_order_group_size";
+pub const ORDER_INTAKE_QUEUED: &str = "shop_order_intake_queued";
+
+/// Group sizes: one request alone up to past the default group maximum.
+const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Latency buckets, in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -83,6 +90,11 @@ pub fn install() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Suffix("_duration_seconds".to_owned()),
                 LATENCY_BUCKETS,
+            )
+            .expect("the buckets are not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(ORDER_GROUP_SIZE.to_owned()),
+                GROUP_SIZE_BUCKETS,
             )
             .expect("the buckets are not empty")
             .build_recorder();
@@ -128,6 +140,14 @@ fn describe() {
         "Records behind the partition's end, from the committed offset."
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state.");
+    describe_histogram!(
+        ORDER_GROUP_SIZE,
+        "CreateOrder requests written per group-commit transaction."
+    );
+    describe_gauge!(
+        ORDER_INTAKE_QUEUED,
+        "CreateOrder requests waiting for a group-commit writer."
+    );
 }
 
 /// The `/metrics` endpoint of one service; `pool` is sampled at each scrape.
@@ -164,9 +184,22 @@ pub(crate) async fn upkeep() {
 
 // --- domain counters ------------------------------------------------------
 
-/// A new order committed.
-pub fn order_created() {
-    counter!(ORDERS_CREATED).increment(1);
+/// `n` new orders committed.
+pub fn orders_created(n: u64) {
+    counter!(ORDERS_CREATED).increment(n);
+}
+
+/// A group-commit transaction of order's intake wrote `size` requests
+/// (new orders, replays and conflicts alike).
+pub fn order_group(size: usize) {
+    #[allow(clippy::cast_precision_loss)] // at most INTAKE_GROUP_MAX
+    histogram!(ORDER_GROUP_SIZE).record(size as f64);
+}
+
+/// `CreateOrder` requests now waiting for a group-commit writer.
+pub fn order_intake_queued(n: usize) {
+    #[allow(clippy::cast_precision_loss)] // at most INTAKE_QUEUE_MAX
+    gauge!(ORDER_INTAKE_QUEUED).set(n as f64);
 }
 
 /// `n` orders decided with `status` (`CONFIRMED` or `CANCELLED`). Inside

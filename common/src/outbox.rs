@@ -69,6 +69,19 @@ impl OutboxEvent {
     }
 }
 
+/// The span of an outbox write, a child of the current span (the request or
+/// the consumed record that causes the events). The rows keep its context,
+/// so that the relay's producer span and every consumer continue the trace.
+#[must_use]
+pub fn write_span(events: usize, event_type: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "outbox write",
+        otel.kind = "internal",
+        events = events,
+        event_type = event_type,
+    )
+}
+
 /// Writes events into the outbox on the caller's transaction, in order,
 /// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or
 /// else of the current span (the request or the consumed record that caused
@@ -77,12 +90,7 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     if events.is_empty() {
         return Ok(());
     }
-    let span = tracing::info_span!(
-        "outbox write",
-        otel.kind = "internal",
-        events = events.len(),
-        event_type = events[0].event_type,
-    );
+    let span = write_span(events.len(), events[0].event_type);
     let trace = Carrier::of(&span);
     let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();

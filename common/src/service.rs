@@ -378,6 +378,18 @@ impl Service {
         self.supervisor.spawn(name, task);
     }
 
+    /// Runs a task that starts with [`Running::run`] and is stopped, through
+    /// the token it is given, only after every front task (the servers, so
+    /// every in-flight call) has finished: a writer that in-flight calls
+    /// wait on (order's group commit) must outlive them.
+    pub fn spawn_last<F, Fut>(&mut self, name: &'static str, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.supervisor.spawn_last(name, task);
+    }
+
     /// Start-up is complete.
     pub fn started(self) -> Running {
         tracing::info!(

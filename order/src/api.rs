@@ -4,19 +4,24 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, OnceLock},
-    time::Duration,
 };
 
+use common::outbox;
 use futures::Stream;
 use sha2::{Digest, Sha256};
-use shop_proto::order::{CreateOrderRequest, Order};
+use shop_proto::{
+    EventName, events,
+    order::{CreateOrderRequest, Order},
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
     domain::{self, Invalid, NewOrder, Price},
     error::OrderError,
+    group_commit::GroupCommit,
     intake, store, watch,
 };
 
@@ -30,8 +35,8 @@ pub struct OrderApi {
     pub catalog: Arc<OnceLock<BTreeMap<String, Price>>>,
     pub readiness: common::service::Readiness,
     pub orders_topic: String,
-    pub deadline: Duration,
-    pub outbox: common::outbox::Notifier,
+    /// The writers that store new orders in groups (see [`crate::group_commit`]).
+    pub writer: GroupCommit,
     /// The orders `WatchOrder` callers follow (see [`crate::watch`]).
     pub watchers: watch::Watchers,
     /// Ends the watchers' streams, so that shutdown does not wait on them.
@@ -43,9 +48,10 @@ pub struct OrderApi {
 impl OrderApi {
     /// Validates, prices and stores an order; publishes `OrderCreated`
     /// through the outbox. `client` is the caller's key for the rate limit
-    /// ([`intake::client_key`]). A call admitted waits at most the queue
-    /// timeout for a database connection, then is shed with UNAVAILABLE
-    /// rather than queued behind the others.
+    /// ([`intake::client_key`]). The order is written by a group-commit
+    /// writer together with whatever else is queued; a call admitted waits
+    /// at most the queue timeout for a writer, then is shed with
+    /// UNAVAILABLE rather than queued behind the others.
     pub async fn create(
         &self,
         req: &CreateOrderRequest,
@@ -66,27 +72,21 @@ impl OrderApi {
             ))
             .into());
         }
-        let hash = request_hash(&new);
-        let mut conn = tokio::time::timeout(self.intake.queue_timeout(), self.pool.acquire())
-            .await
-            .map_err(|_| OrderError::Overloaded {
-                retry_after: Duration::from_secs(1),
-            })??;
-        let order = store::create_order(
-            &mut conn,
-            store::Insert {
-                customer_id: &new.customer_id,
-                lines: &lines,
-                currency: &currency,
-                total,
-                idempotency: (!key.is_empty()).then_some((key, hash.as_slice())),
-                deadline: self.deadline,
-                orders_topic: self.orders_topic.clone(),
-            },
-        )
-        .await?;
+        let idempotency = (!key.is_empty()).then(|| (key.to_owned(), request_hash(&new)));
+        // The outbox row continues this request's trace, not the writer's:
+        // its context is taken here, in the request's span.
+        let span = outbox::write_span(1, events::OrderCreated::EVENT_TYPE);
+        let pending = store::Pending::new(
+            new.customer_id,
+            lines,
+            currency,
+            total,
+            idempotency,
+            self.orders_topic.clone(),
+            &span,
+        );
+        let order = self.writer.submit(pending).instrument(span).await?;
         tracing::Span::current().record("order_id", order.order_id.as_str());
-        self.outbox.notify();
         Ok(order)
     }
 

@@ -22,6 +22,12 @@ pub enum OrderError {
     IdempotencyConflict(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The group-commit transaction that carried this request failed; the
+    /// writer logged the cause once for the whole group (see
+    /// [`crate::group_commit`]). `unavailable`: the database could not be
+    /// reached within the caller's wait, so a retry may succeed.
+    #[error("the order could not be written (database unavailable: {unavailable})")]
+    WriteFailed { unavailable: bool },
     /// Start-up has not finished (database or broker not reached yet, or
     /// refused): the readiness's answer.
     #[error("{}", .0.message())]
@@ -32,9 +38,10 @@ pub enum OrderError {
     /// The service already serves `INTAKE_MAX_IN_FLIGHT` `CreateOrder` calls.
     #[error("too many orders in flight; retry after {}s", retry_after_secs(*.retry_after))]
     TooManyInFlight { retry_after: Duration },
-    /// No database connection came within `INTAKE_QUEUE_TIMEOUT_MS`: shed
-    /// rather than queued.
-    #[error("overloaded: no database connection free; retry after {}s", retry_after_secs(*.retry_after))]
+    /// No group-commit writer took the request within
+    /// `INTAKE_QUEUE_TIMEOUT_MS`, or `INTAKE_QUEUE_MAX` requests were
+    /// already waiting: shed rather than queued.
+    #[error("overloaded: no order writer free; retry after {}s", retry_after_secs(*.retry_after))]
     Overloaded { retry_after: Duration },
 }
 
@@ -50,6 +57,11 @@ impl From<OrderError> for Status {
             OrderError::IdempotencyConflict(_) => Status::already_exists(e.to_string()),
             OrderError::Unavailable(status) => status,
             OrderError::Db(db) => common::error::db_status(&db),
+            // The same answers as db_status gives, whose log line the writer wrote.
+            OrderError::WriteFailed { unavailable: true } => {
+                Status::unavailable("database unavailable; retry later")
+            }
+            OrderError::WriteFailed { unavailable: false } => Status::internal("internal error"),
             OrderError::RateLimited { retry_after }
             | OrderError::TooManyInFlight { retry_after } => {
                 with_retry_after(Status::resource_exhausted(e.to_string()), retry_after)

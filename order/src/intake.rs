@@ -1,6 +1,6 @@
 //! Protection of intake: how many `CreateOrder` calls may run at once, how
 //! many per second one client may send, and how long a call may wait for a
-//! database connection before it is shed.
+//! writer ([`crate::group_commit`]) before it is shed.
 //!
 //! The guard sits in [`crate::api::OrderApi::create`], not in a tower stack
 //! per server: the gRPC service and the REST shim share one code path, so
@@ -41,8 +41,9 @@ pub struct Limits {
     /// per second per client, with a burst of one second's worth.
     pub rate_per_client: u32,
     /// `INTAKE_QUEUE_TIMEOUT_MS` (default 5000, the pool's own acquire
-    /// timeout): how long a call waits for a database connection when the
-    /// pool is saturated before it is shed with `UNAVAILABLE`.
+    /// timeout): how long a call waits for a group-commit writer to take it
+    /// (see [`crate::group_commit`]) before it is shed with `UNAVAILABLE`;
+    /// also how long a writer retries an unreachable database for it.
     pub queue_timeout: Duration,
 }
 
@@ -125,7 +126,7 @@ impl Guard {
         Ok(Admitted { _permit: permit })
     }
 
-    /// How long to wait for a database connection before shedding the call.
+    /// How long to wait for a writer before shedding the call.
     #[must_use]
     pub fn queue_timeout(&self) -> Duration {
         self.queue_timeout

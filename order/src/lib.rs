@@ -9,6 +9,8 @@
 //!   or CANCELLED; [`deadline`] cancels orders whose results never came.
 //! - [`intake`]: the limits on `CreateOrder` (in flight, per client rate,
 //!   database queueing).
+//! - [`group_commit`]: the writers that store concurrent new orders in one
+//!   transaction; [`idempotency`] decides each request's fate by its key.
 //! - [`watch`]: `WatchOrder` (gRPC stream and Server-Sent Events), fed by
 //!   PostgreSQL notifications from the transactions that change orders.
 //! - [`build`]: wires it together on the skeleton of `common::service`.
@@ -18,7 +20,9 @@ pub mod consumer;
 pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod group_commit;
 pub mod grpc;
+pub mod idempotency;
 pub mod intake;
 pub mod rest;
 pub mod store;
@@ -54,6 +58,9 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// `INTAKE_*`: the protection of `CreateOrder` (see [`intake`]).
     pub intake: intake::Limits,
+    /// `INTAKE_WRITERS`, `INTAKE_GROUP_MAX`, `INTAKE_QUEUE_MAX`: group commit
+    /// of new orders (see [`group_commit`]).
+    pub group_commit: group_commit::Settings,
     pub db: DbConfig,
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
@@ -68,6 +75,7 @@ impl Config {
             deadline: Duration::from_secs(config::var("ORDER_DEADLINE_SECS", 30)?),
             sweep_interval: config::millis("ORDER_SWEEP_INTERVAL_MS", 1000)?,
             intake: intake::Limits::from_env()?,
+            group_commit: group_commit::Settings::from_env()?,
             db: DbConfig::from_env("orders")?,
             kafka: KafkaConfig::from_env("order")?,
             pipeline: PipelineConfig::from_env()?,
@@ -93,13 +101,19 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
     common::metrics::register_order_counters();
     let orders_topic = config.kafka.topic(topics::ORDERS);
     let catalog = Arc::new(OnceLock::new());
+    let writer = group_commit::GroupCommit::new(
+        service.pool.clone(),
+        config.group_commit.clone(),
+        config.intake.queue_timeout,
+        config.deadline,
+        service.outbox(),
+    );
     let api = api::OrderApi {
         pool: service.pool.clone(),
         catalog: catalog.clone(),
         readiness: service.readiness().clone(),
         orders_topic: orders_topic.clone(),
-        deadline: config.deadline,
-        outbox: service.outbox(),
+        writer: writer.clone(),
         watchers: watch::Watchers::default(),
         shutdown: service.shutdown().clone(),
         intake: intake::Guard::new(&config.intake),
@@ -123,6 +137,11 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         .map_err(StartError::step("loading the catalog"))?;
     let _ = catalog.set(loaded);
     service.ready();
+    // Last tasks: they outlive the servers' in-flight calls, which wait on them.
+    for _ in 0..writer.writers() {
+        let writer = writer.clone();
+        service.spawn_last("order intake writer", move |stop| writer.run(stop));
+    }
     service.spawn_consumer(
         &[topics::PAYMENTS, topics::INVENTORY],
         consumer::SagaHandler {

@@ -1,7 +1,10 @@
 //! The orders database: catalog, orders and their items. Every write that
 //! causes an event enqueues it in the outbox in the same transaction.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use common::{
@@ -20,6 +23,7 @@ use uuid::Uuid;
 use crate::{
     domain::{Price, PricedLine, Status},
     error::OrderError,
+    idempotency::Stored,
 };
 
 /// Inserts the fixture's products that are missing; never overwrites.
@@ -69,120 +73,223 @@ struct ProductRow {
     price_units: i64,
 }
 
-/// An order to insert, already validated and priced.
-pub struct Insert<'a> {
-    pub customer_id: &'a str,
-    pub lines: &'a [PricedLine],
-    pub currency: &'a str,
+/// An order to write, already validated and priced, with its
+/// `OrderCreated` event and the trace context of the request that placed it
+/// (captured in the request's span: the writer that stores it serves many).
+pub struct Pending {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub lines: Vec<PricedLine>,
+    pub currency: String,
     pub total: i64,
-    pub idempotency: Option<(&'a str, &'a [u8])>,
-    pub deadline: std::time::Duration,
-    pub orders_topic: String,
+    /// The idempotency key and the request's hash, if the caller sent a key.
+    pub idempotency: Option<(String, Vec<u8>)>,
+    /// Caused by the request's span: the row continues its trace.
+    pub event: OutboxEvent,
 }
 
-/// Stores a new PENDING order and its `OrderCreated` event. With an
-/// idempotency key already used for the same request, returns that order
-/// instead and writes nothing. Runs on the one connection the caller got
-/// (see [`crate::api::OrderApi::create`] on shedding).
-pub async fn create_order(conn: &mut PgConnection, new: Insert<'_>) -> Result<Order, OrderError> {
-    if let Some((key, hash)) = new.idempotency
-        && let Some(existing) = by_idempotency_key(conn, key, hash).await?
-    {
-        return Ok(existing);
+impl Pending {
+    /// A new order with a fresh id and its `OrderCreated` for `orders_topic`.
+    #[must_use]
+    pub fn new(
+        customer_id: String,
+        lines: Vec<PricedLine>,
+        currency: String,
+        total: i64,
+        idempotency: Option<(String, Vec<u8>)>,
+        orders_topic: String,
+        cause: &tracing::Span,
+    ) -> Self {
+        let order_id = Uuid::now_v7();
+        let money = |units| Money {
+            currency: currency.clone(),
+            units,
+        };
+        let event_id = Uuid::now_v7();
+        let created = events::OrderCreated {
+            event_id: event_id.to_string(),
+            occurred_at: Some(common::time::now()),
+            order_id: order_id.to_string(),
+            customer_id: customer_id.clone(),
+            items: lines
+                .iter()
+                .map(|l| events::OrderLine {
+                    product_id: l.product_id.clone(),
+                    quantity: l.quantity,
+                    unit_price: Some(money(l.unit_price)),
+                })
+                .collect(),
+            total: Some(money(total)),
+        };
+        let event =
+            OutboxEvent::new(orders_topic, &customer_id, event_id, &created).caused_by(cause);
+        Self {
+            order_id,
+            customer_id,
+            lines,
+            currency,
+            total,
+            idempotency,
+            event,
+        }
     }
-    let order_id = Uuid::now_v7();
+
+    /// The key and request hash, borrowed.
+    #[must_use]
+    pub fn key(&self) -> Option<(&str, &[u8])> {
+        self.idempotency
+            .as_ref()
+            .map(|(k, h)| (k.as_str(), h.as_slice()))
+    }
+
+    /// The API view of this order as written at `created_at`: built from
+    /// what was written rather than read back (no round trip).
+    #[must_use]
+    pub fn to_order(&self, created_at: DateTime<Utc>) -> Order {
+        to_proto(
+            OrderRow {
+                order_id: self.order_id,
+                customer_id: self.customer_id.clone(),
+                status: Status::Pending,
+                reason: String::new(),
+                currency: self.currency.clone(),
+                total: self.total,
+                created_at,
+                updated_at: created_at,
+            },
+            self.lines
+                .iter()
+                .map(|l| ItemRow {
+                    product_id: l.product_id.clone(),
+                    quantity: l.quantity,
+                    unit_price_units: l.unit_price,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The stored orders of these idempotency keys: one lookup for a group.
+pub async fn stored_keys(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> sqlx::Result<HashMap<String, Stored>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT idempotency_key, order_id, request_hash FROM orders
+         WHERE idempotency_key = ANY($1)",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, order_id, request_hash)| {
+            let stored = Stored {
+                order_id,
+                request_hash,
+            };
+            (key, stored)
+        })
+        .collect())
+}
+
+/// Writes new PENDING orders, their items and their `OrderCreated` events in
+/// one transaction of three multi-row statements (whatever the number of
+/// orders), each event with its own request's trace context. Returns the
+/// orders written, with their creation time: an order whose key another
+/// transaction inserted first, or whose id is already there (an earlier
+/// attempt of this very group that did commit although its connection
+/// failed), is skipped (`ON CONFLICT DO NOTHING`) along with its items and
+/// event, for the caller to resolve.
+pub async fn insert_orders(
+    conn: &mut PgConnection,
+    orders: &[&Pending],
+    deadline: Duration,
+) -> sqlx::Result<HashMap<Uuid, DateTime<Utc>>> {
+    if orders.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    let customers: Vec<&str> = orders.iter().map(|o| o.customer_id.as_str()).collect();
+    let currencies: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
+    let totals: Vec<i64> = orders.iter().map(|o| o.total).collect();
+    let keys: Vec<Option<&str>> = orders.iter().map(|o| o.key().map(|(k, _)| k)).collect();
+    let hashes: Vec<Option<&[u8]>> = orders.iter().map(|o| o.key().map(|(_, h)| h)).collect();
     let mut tx = conn.begin().await?;
-    let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
+    let written: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO orders (order_id, customer_id, status, currency, total_units,
                              idempotency_key, request_hash, deadline_at)
-         VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, now() + make_interval(secs => $7))
-         ON CONFLICT (idempotency_key) DO NOTHING
-         RETURNING created_at",
+         SELECT id, customer, 'PENDING', currency, total, key, hash,
+                now() + make_interval(secs => $7)
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bytea[])
+              AS o(id, customer, currency, total, key, hash)
+         ON CONFLICT DO NOTHING
+         RETURNING order_id, created_at",
     )
-    .bind(order_id)
-    .bind(new.customer_id)
-    .bind(new.currency)
-    .bind(new.total)
-    .bind(new.idempotency.map(|(k, _)| k))
-    .bind(new.idempotency.map(|(_, h)| h))
-    .bind(new.deadline.as_secs_f64())
-    .fetch_optional(&mut *tx)
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&currencies)
+    .bind(&totals)
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(deadline.as_secs_f64())
+    .fetch_all(&mut *tx)
     .await?;
-    let Some(created_at) = inserted else {
-        // A concurrent request with the same key won the race.
-        drop(tx);
-        // Only the key can conflict (order ids are fresh UUIDs).
-        let (key, hash) = new.idempotency.ok_or(sqlx::Error::RowNotFound)?;
-        return by_idempotency_key(conn, key, hash)
-            .await?
-            .ok_or_else(|| OrderError::IdempotencyConflict(key.to_owned()));
-    };
-    // validate() caps an order at MAX_LINES lines, far below i32::MAX.
-    let line_count = i32::try_from(new.lines.len()).expect("line count fits in i32");
-    let line_nos: Vec<i32> = (1..=line_count).collect();
-    let products: Vec<&str> = new.lines.iter().map(|l| l.product_id.as_str()).collect();
-    let quantities: Vec<i32> = new.lines.iter().map(|l| l.quantity).collect();
-    let prices: Vec<i64> = new.lines.iter().map(|l| l.unit_price).collect();
+    let written: HashMap<Uuid, DateTime<Utc>> = written.into_iter().collect();
+    let new: Vec<&Pending> = orders
+        .iter()
+        .copied()
+        .filter(|o| written.contains_key(&o.order_id))
+        .collect();
+    let lines = new.iter().flat_map(|o| {
+        // validate() caps an order at MAX_LINES lines, far below i32::MAX.
+        (1..).zip(&o.lines).map(move |(no, l)| (o.order_id, no, l))
+    });
+    let (mut item_orders, mut line_nos, mut products, mut quantities, mut prices) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (order_id, no, line) in lines {
+        item_orders.push(order_id);
+        line_nos.push(no);
+        products.push(line.product_id.as_str());
+        quantities.push(line.quantity);
+        prices.push(line.unit_price);
+    }
     sqlx::query(
         "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price_units)
-         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
+         SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::int[], $5::bigint[])",
     )
-    .bind(order_id)
+    .bind(&item_orders)
     .bind(&line_nos)
     .bind(&products)
     .bind(&quantities)
     .bind(&prices)
     .execute(&mut *tx)
     .await?;
-    let money = |units| Money {
-        currency: new.currency.to_owned(),
-        units,
-    };
-    let event_id = Uuid::now_v7();
-    let event = events::OrderCreated {
-        event_id: event_id.to_string(),
-        occurred_at: Some(common::time::now()),
-        order_id: order_id.to_string(),
-        customer_id: new.customer_id.to_owned(),
-        items: new
-            .lines
-            .iter()
-            .map(|l| events::OrderLine {
-                product_id: l.product_id.clone(),
-                quantity: l.quantity,
-                unit_price: Some(money(l.unit_price)),
-            })
-            .collect(),
-        total: Some(money(new.total)),
-    };
-    let outgoing = OutboxEvent::new(new.orders_topic, new.customer_id, event_id, &event);
-    outbox::enqueue(&mut tx, &[outgoing]).await?;
+    let events: Vec<OutboxEvent> = new.iter().map(|o| o.event.clone()).collect();
+    outbox::enqueue(&mut tx, &events).await?;
     tx.commit().await?;
-    common::metrics::order_created();
-    // Built from what was written rather than read back: one round trip less.
-    Ok(to_proto(
-        OrderRow {
-            order_id,
-            customer_id: new.customer_id.to_owned(),
-            status: Status::Pending,
-            reason: String::new(),
-            currency: new.currency.to_owned(),
-            total: new.total,
-            created_at,
-            updated_at: created_at,
-        },
-        new.lines
-            .iter()
-            .map(|l| ItemRow {
-                product_id: l.product_id.clone(),
-                quantity: l.quantity,
-                unit_price_units: l.unit_price,
-            })
-            .collect(),
-    ))
+    Ok(written)
 }
 
-async fn by_idempotency_key(
+/// The creation time of those of these orders that exist.
+pub async fn created_at(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> sqlx::Result<HashMap<Uuid, DateTime<Utc>>> {
+    let rows: Vec<(Uuid, DateTime<Utc>)> =
+        sqlx::query_as("SELECT order_id, created_at FROM orders WHERE order_id = ANY($1)")
+            .bind(order_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The order stored under `key` when `hash` is the same request, an
+/// `IdempotencyConflict` when it is not, `None` when there is none.
+pub async fn by_idempotency_key(
     conn: &mut PgConnection,
     key: &str,
     hash: &[u8],

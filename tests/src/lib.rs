@@ -184,6 +184,8 @@ pub struct Options {
     pub wait_serving: bool,
     /// The order service's intake limits, when not its environment's.
     pub intake: Option<order::intake::Limits>,
+    /// The order service's group commit, when not its environment's.
+    pub group_commit: Option<order::group_commit::Settings>,
 }
 
 impl Default for Options {
@@ -196,6 +198,7 @@ impl Default for Options {
             brokers: None,
             wait_serving: true,
             intake: None,
+            group_commit: None,
         }
     }
 }
@@ -291,6 +294,9 @@ impl Pipeline {
         order_cfg.pipeline = pipeline_config();
         if let Some(limits) = &options.intake {
             order_cfg.intake = limits.clone();
+        }
+        if let Some(settings) = &options.group_commit {
+            order_cfg.group_commit = settings.clone();
         }
 
         let mut tasks = vec![
