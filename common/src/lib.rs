@@ -26,6 +26,8 @@
 //! - [`telemetry`] and [`trace_context`]: logs, and one OpenTelemetry trace
 //!   per order across requests, outbox rows and Kafka records.
 //! - [`metrics`]: Prometheus metrics (`shop_*`, `process_*`) on `/metrics`.
+//! - [`kafka_security`]: the librdkafka `security.*`, `sasl.*` and `ssl.*`
+//!   settings passed through from `KAFKA_*` variables.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -40,6 +42,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod kafka;
+pub mod kafka_security;
 pub mod metrics;
 pub mod outbox;
 pub mod rest;
