@@ -26,8 +26,10 @@
 //! - [`telemetry`] and [`trace_context`]: logs, and one OpenTelemetry trace
 //!   per order across requests, outbox rows and Kafka records.
 //! - [`metrics`]: Prometheus metrics (`shop_*`, `process_*`) on `/metrics`.
-//! - [`kafka_security`]: the librdkafka `security.*`, `sasl.*` and `ssl.*`
-//!   settings passed through from `KAFKA_*` variables.
+//! - [`tls`]: TLS and mTLS on the gRPC and REST listeners from PEM files,
+//!   the plaintext health listener for probes, and the client identity a
+//!   certificate gives; [`kafka_security`]: the librdkafka `security.*`,
+//!   `sasl.*` and `ssl.*` settings passed through from `KAFKA_*` variables.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -53,5 +55,6 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod topics;
 pub mod trace_context;
