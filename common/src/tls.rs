@@ -216,8 +216,8 @@ impl ServerTls {
         let key_pem = read(KEY_VAR, key)?;
         let client_ca_pem = client_ca.map(|p| read(CLIENT_CA_VAR, p)).transpose()?;
         let chain = certificates(CERT_VAR, cert, &cert_pem)?;
-        let private_key =
-            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| pem_error(KEY_VAR, key, &e))?;
+        let private_key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| pem_error(KEY_VAR, key, "private key", &e))?;
         let provider = provider();
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -322,7 +322,7 @@ fn certificates(
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(var, path, &e))?;
+        .map_err(|e| pem_error(var, path, "certificate", &e))?;
     if certs.is_empty() {
         return Err(TlsError::NoPem {
             var,
@@ -333,12 +333,17 @@ fn certificates(
     Ok(certs)
 }
 
-fn pem_error(var: &'static str, path: &Path, e: &rustls::pki_types::pem::Error) -> TlsError {
+fn pem_error(
+    var: &'static str,
+    path: &Path,
+    what: &'static str,
+    e: &rustls::pki_types::pem::Error,
+) -> TlsError {
     match e {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPem {
             var,
             path: path.to_owned(),
-            what: "private key",
+            what,
         },
         other => TlsError::BadPem {
             var,
