@@ -16,6 +16,7 @@ cd "$REPO"
 n="${1:-5000}" conns="${2:-50}"
 admin_url="${TEST_DATABASE_URL:-$(pg_url postgres)}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SHOP_CACHE_DIR/target}"
+ensure_build_deps
 cargo build --release --quiet -p order --bin order
 "$REPO/deploy/local/tools.sh" grpc-health-probe >/dev/null
 

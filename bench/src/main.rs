@@ -91,7 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .unwrap_or("127.0.0.1:50099")
         .parse()?;
-    let (router, _health) = common::grpc::router("shop.order.v1.OrderService");
+    let (router, _health) = common::grpc::router("shop.order.v1.OrderService", None)?;
     let router = router.add_service(OrderServiceServer::new(Echo));
     let (listener, bound) = common::grpc::bind(addr).await?;
     let shutdown = common::shutdown::on_signal()?;

@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+use crate::kafka_security::KafkaSecurity;
+
 /// A variable was set to something that does not parse.
 #[derive(Debug, thiserror::Error)]
 #[error("environment variable {name}={value:?} is invalid: {reason}")]
@@ -17,6 +19,19 @@ pub struct ConfigError {
     name: String,
     value: String,
     reason: String,
+}
+
+impl ConfigError {
+    /// The variable `name` set to `value` cannot be used, because of
+    /// `reason` (for settings checked beyond parsing, such as files that
+    /// must be readable). Never pass a secret as `value`.
+    pub fn new(name: &str, value: &str, reason: impl Display) -> Self {
+        Self {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// Reads `name`, or `default` when it is unset or empty.
@@ -176,6 +191,10 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// `KAFKA_CLIENT_ID` (default: the service name).
     pub client_id: String,
+    /// `KAFKA_SECURITY_*`, `KAFKA_SASL_*`, `KAFKA_SSL_*` (default: none,
+    /// plaintext): librdkafka settings passed through as they are (see
+    /// [`crate::kafka_security`]).
+    pub security: KafkaSecurity,
 }
 
 impl KafkaConfig {
@@ -186,6 +205,15 @@ impl KafkaConfig {
             group_id: var("KAFKA_GROUP_ID", service.to_owned())?,
             partitions: var("KAFKA_PARTITIONS", 6)?,
             client_id: var("KAFKA_CLIENT_ID", service.to_owned())?,
+            security: {
+                let security = KafkaSecurity::from_env()?;
+                if !security.is_empty() {
+                    // The names only: the values are credentials.
+                    let keys: Vec<&str> = security.keys().collect();
+                    tracing::info!(?keys, "Kafka security settings passed through");
+                }
+                security
+            },
         })
     }
 
@@ -301,6 +329,7 @@ mod tests {
             group_id: "g".into(),
             partitions: 1,
             client_id: "c".into(),
+            security: KafkaSecurity::default(),
         };
         assert_eq!(cfg.topic("orders"), "t1.orders");
     }

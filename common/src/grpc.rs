@@ -10,6 +10,8 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
+use crate::tls::ServerTls;
+
 /// The server's router: every call goes through the metrics layer.
 pub type Router =
     tonic::transport::server::Router<Stack<crate::metrics::GrpcMetricsLayer, Identity>>;
@@ -19,9 +21,13 @@ pub type Router =
 /// Reflection advertises only what this server serves, although the
 /// descriptor set describes every API. [`crate::service::Service::serve_grpc`]
 /// turns the reporter `NOT_SERVING` until [`crate::health::monitor`] has
-/// checked the dependencies.
-#[must_use]
-pub fn router(service: &str) -> (Router, HealthReporter) {
+/// checked the dependencies. With `tls`, the server speaks only TLS (mTLS
+/// when it has client CAs), and calls carry the client's certificates
+/// (`Request::peer_certs`).
+pub fn router(
+    service: &str,
+    tls: Option<&ServerTls>,
+) -> Result<(Router, HealthReporter), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let advertised = [
         service,
@@ -49,13 +55,29 @@ pub fn router(service: &str) -> (Router, HealthReporter) {
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
-    let router = Server::builder()
+    let server = match tls {
+        Some(tls) => Server::builder().tls_config(tls.grpc())?,
+        None => Server::builder(),
+    };
+    let router = server
         .trace_fn(request_span)
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    (router, reporter)
+    Ok((router, reporter))
+}
+
+/// A plaintext server with nothing but `grpc.health.v1`, answering what
+/// `reporter` says: for Kubernetes' gRPC probes, which cannot speak TLS,
+/// when the service's own port does (see [`crate::tls`]). It offers no
+/// reflection and no API, so it tells a caller nothing but up or down.
+#[must_use]
+pub fn health_router(reporter: &HealthReporter) -> tonic::transport::server::Router {
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
+    Server::builder().add_service(health)
 }
 
 /// Binds `addr` (port 0 picks a free port); returns the listener and the
@@ -79,6 +101,20 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     tracing::info!("gRPC server stopped");
+    Ok(())
+}
+
+/// [`serve`] for the [`health_router`].
+pub async fn serve_health(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    tracing::info!("health server stopped");
     Ok(())
 }
 

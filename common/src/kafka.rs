@@ -38,7 +38,8 @@ pub enum KafkaError {
     Cancelled,
 }
 
-/// Settings shared by every client of this service.
+/// Settings shared by every client of this service, the passed-through
+/// security settings included.
 #[must_use]
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -48,6 +49,8 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("broker.address.family", "v4")
         // Reconnect within a second of a broker coming back (default: up to 10 s).
         .set("reconnect.backoff.max.ms", "1000");
+    // SSL/SASL towards the broker, when configured (KAFKA_SECURITY_PROTOCOL, …).
+    cfg.security.apply(&mut c);
     c
 }
 

@@ -26,6 +26,10 @@
 //! - [`telemetry`] and [`trace_context`]: logs, and one OpenTelemetry trace
 //!   per order across requests, outbox rows and Kafka records.
 //! - [`metrics`]: Prometheus metrics (`shop_*`, `process_*`) on `/metrics`.
+//! - [`tls`]: TLS and mTLS on the gRPC and REST listeners from PEM files,
+//!   the plaintext health listener for probes, and the client identity a
+//!   certificate gives; [`kafka_security`]: the librdkafka `security.*`,
+//!   `sasl.*` and `ssl.*` settings passed through from `KAFKA_*` variables.
 //! - [`error`]: the invalid-argument type and the database-error policy
 //!   every API maps to gRPC status.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`kafka`], [`retry`],
@@ -40,6 +44,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod kafka;
+pub mod kafka_security;
 pub mod metrics;
 pub mod outbox;
 pub mod rest;
@@ -50,5 +55,6 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod topics;
 pub mod trace_context;

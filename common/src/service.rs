@@ -38,6 +38,7 @@ use crate::{
     kafka::{self, KafkaError},
     outbox::{Notifier, Relay},
     supervisor::{Supervisor, TaskFailed, TaskResult},
+    tls,
 };
 
 /// Why a service could not start. Each variant names the step that failed.
@@ -157,27 +158,32 @@ pub struct Service {
     readiness: Readiness,
     router: Option<Router>,
     shutdown: CancellationToken,
+    tls: tls::Settings,
     grpc_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
 }
 
 impl Service {
     /// Creates the pool, the producer and the outbox relay for the gRPC
     /// service named `grpc_service` (e.g. `shop.payment.v1.PaymentService`).
     /// The pool and the producer connect lazily, so this succeeds while the
-    /// database or broker is down; see [`Service::prepare`].
+    /// database or broker is down; see [`Service::prepare`]. `tls` applies
+    /// to the gRPC and REST listeners (see [`crate::tls`]).
     pub fn new(
         grpc_service: &str,
         db: &DbConfig,
         kafka_cfg: KafkaConfig,
         pipeline: PipelineConfig,
+        tls: tls::Settings,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         crate::metrics::install();
         let pool = db::pool(db)?;
         let producer = kafka::producer(&kafka_cfg)?;
-        let (router, health) = crate::grpc::router(grpc_service);
+        let (router, health) = crate::grpc::router(grpc_service, tls.server.as_ref())
+            .map_err(|e| StartError::Setting(format!("TLS of the gRPC server: {e}")))?;
         let health_services = vec![grpc_service.to_owned()];
         let mut supervisor = Supervisor::new();
         supervisor.report_to(health.clone(), health_services.clone());
@@ -196,9 +202,11 @@ impl Service {
             readiness: Readiness::default(),
             router: Some(router),
             shutdown,
+            tls,
             grpc_addr: None,
             http_addr: None,
             metrics_addr: None,
+            health_addr: None,
         })
     }
 
@@ -221,8 +229,10 @@ impl Service {
     }
 
     /// Binds `addr` and serves health, reflection and what `add_api` adds
-    /// right away, `NOT_SERVING` until [`Service::ready`]. Returns the address
-    /// bound (port 0 picks a free one).
+    /// right away, `NOT_SERVING` until [`Service::ready`], over TLS when
+    /// configured; with `HEALTH_ADDR` set, also health alone in plaintext
+    /// there (for probes). Returns the address bound (port 0 picks a free
+    /// one).
     pub async fn serve_grpc(
         &mut self,
         addr: SocketAddr,
@@ -247,11 +257,23 @@ impl Service {
             Ok(())
         });
         self.grpc_addr = Some(bound);
+        if let Some(addr) = self.tls.health_addr {
+            let (listener, health_bound) = bind(addr, "HEALTH_ADDR").await?;
+            let router = crate::grpc::health_router(&self.health);
+            let shutdown = self.shutdown.clone();
+            self.supervisor.spawn("health server", async move {
+                crate::grpc::serve_health(router, listener, shutdown).await?;
+                Ok(())
+            });
+            self.health_addr = Some(health_bound);
+        }
         Ok(bound)
     }
 
     /// Binds `addr` and serves the REST `router` until shutdown, letting
-    /// in-flight requests finish. Returns the address bound.
+    /// in-flight requests finish; over TLS (mTLS) when configured, like
+    /// gRPC. Handlers find the caller as `ConnectInfo<tls::Peer>`. Returns
+    /// the address bound.
     pub async fn serve_http(
         &mut self,
         addr: SocketAddr,
@@ -261,17 +283,25 @@ impl Service {
         let (listener, bound) = bind(addr, "HTTP_ADDR").await?;
         let router = router.layer(crate::grpc::http_trace_layer());
         let shutdown = self.shutdown.clone();
+        // The peer (address, certificate) reaches handlers as
+        // `ConnectInfo<Peer>` (order's rate limit keys clients by it).
+        let app = router.into_make_service_with_connect_info::<tls::Peer>();
+        let server_tls = self.tls.server.clone();
         self.supervisor.spawn("REST server", async move {
-            // Small replies go out at once instead of waiting for Nagle.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            // The peer address reaches handlers as `ConnectInfo<SocketAddr>`
-            // (order's rate limit keys clients by it).
-            let app = router.into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await?;
+            let stop = shutdown.cancelled_owned();
+            if let Some(server_tls) = server_tls {
+                // TLS sets TCP_NODELAY itself, before the handshake.
+                let listener = tls::TlsListener::new(listener, &server_tls);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?;
+            } else {
+                // Sets TCP_NODELAY on each connection.
+                let listener = tls::PlainListener(listener);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?;
+            }
             tracing::info!("REST server stopped");
             Ok(())
         });
@@ -396,6 +426,9 @@ impl Service {
             grpc_addr = ?self.grpc_addr,
             http_addr = ?self.http_addr,
             metrics_addr = ?self.metrics_addr,
+            health_addr = ?self.health_addr,
+            tls = self.tls.server.is_some(),
+            mtls = self.tls.server.as_ref().is_some_and(tls::ServerTls::requires_client_cert),
             "service started"
         );
         Running {

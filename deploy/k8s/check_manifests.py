@@ -42,7 +42,9 @@ import yaml
 SERVICES = ("order", "payment", "inventory")
 # Being added on another branch; accepted before the sources read it (order/payment/inventory).
 PENDING = {"METRICS_ADDR": {"order": 9464, "payment": 9465, "inventory": 9466}}
-PORT_ENV = {"grpc": "GRPC_ADDR", "http": "HTTP_ADDR", "metrics": "METRICS_ADDR"}
+PORT_ENV = {"grpc": "GRPC_ADDR", "http": "HTTP_ADDR", "metrics": "METRICS_ADDR", "health": "HEALTH_ADDR"}
+# librdkafka settings every service passes through (common/src/kafka_security.rs).
+KAFKA_PASSTHROUGH = re.compile(r"KAFKA_(SECURITY|SASL|SSL)_[A-Z0-9_]+")
 PASSWORD_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 
 
@@ -115,7 +117,7 @@ def reads_of(repo: Path):
 
 
 def is_read(name, names):
-    return name in names or name.startswith("OTEL_")
+    return name in names or name.startswith("OTEL_") or bool(KAFKA_PASSTHROUGH.fullmatch(name))
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -205,6 +207,14 @@ def check(repo: Path, docs, label):
                     err(cw, f"{var}={value!r} has no port")
                     continue
                 listens[var] = port
+            # The plaintext health listener has no default: it exists when set.
+            if "HEALTH_ADDR" in env and "HEALTH_ADDR" in names:
+                value = env["HEALTH_ADDR"].get("value")
+                port = port_of(value)
+                if port is None:
+                    err(cw, f"HEALTH_ADDR={value!r} has no port")
+                else:
+                    listens["HEALTH_ADDR"] = port
             cports = {}
             for p in c.get("ports", []):
                 pname, num = p.get("name"), p["containerPort"]
@@ -220,6 +230,12 @@ def check(repo: Path, docs, label):
                 if port not in cports.values():
                     err(cw, f"{svc} listens on {port} ({var}) but no containerPort declares it")
             grpc_port = listens.get("GRPC_ADDR")
+            health_port = listens.get("HEALTH_ADDR")
+            # With TLS on, the gRPC port speaks only TLS, which kubelet's gRPC probes cannot:
+            # they must use the plaintext health listener.
+            tls = "TLS_CERT_FILE" in env
+            if tls and health_port is None:
+                err(cw, "TLS_CERT_FILE is set but HEALTH_ADDR is not: gRPC probes cannot speak TLS")
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c.get(kind)
                 if probe is None:
@@ -231,7 +247,10 @@ def check(repo: Path, docs, label):
                 port = probe["grpc"].get("port")
                 if port not in cports.values():
                     err(cw, f"{kind} probes port {port}, which is no containerPort ({cports})")
-                elif port != grpc_port:
+                elif tls and port != health_port:
+                    err(cw, f"{kind} probes port {port}, but with TLS on only HEALTH_ADDR "
+                            f"({health_port}) answers in plaintext")
+                elif port not in (grpc_port, health_port):
                     err(cw, f"{kind} probes port {port}, but health is served on the gRPC port {grpc_port}")
             # -- hardening and resources
             sc = c.get("securityContext", {})
@@ -324,6 +343,8 @@ BREAKAGES = {
         env_entry(container(d, "order"), "DATABASE_URL").pop("valueFrom"),
     "GRPC_ADDR moved without its containerPort":
         lambda d: env_entry(container(d, "inventory"), "GRPC_ADDR").update(value="0.0.0.0:40000"),
+    "TLS on with probes still on the TLS port":
+        lambda d: container(d, "payment")["env"].append({"name": "TLS_CERT_FILE", "value": "/tls/tls.crt"}),
     "liveness as an exec probe":
         lambda d: container(d, "order").update(livenessProbe={"exec": {"command": ["true"]}}),
     "writable root filesystem":

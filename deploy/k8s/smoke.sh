@@ -113,6 +113,7 @@ bin="$CARGO_TARGET_DIR/debug"
 for b in order payment inventory shopctl; do
   [[ -x "$bin/$b" ]] || {
     log "building the binaries (cargo build --bins)"
+    ensure_build_deps
     cargo build --quiet --bins -p order -p payment -p inventory -p shopctl
     break
   }

@@ -86,6 +86,25 @@ die() {
   exit 1
 }
 
+# ensure_build_deps — what compiling the workspace needs from Debian beyond a C toolchain:
+# librdkafka is built with SSL (rdkafka's `ssl` feature links the system's OpenSSL, found by
+# pkg-config). Installs libssl-dev and pkg-config with apt-get if missing (CI runs as root).
+ensure_build_deps() {
+  local missing=()
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q 'install ok installed' ||
+    missing+=(libssl-dev)
+  ((${#missing[@]} == 0)) && return 0
+  ((EUID == 0)) || die "missing ${missing[*]}; run this once as root or apt-get install ${missing[*]}"
+  log "installing ${missing[*]} (Debian packages, to build librdkafka with SSL)"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; then
+    # A fresh machine's package lists may be missing or stale.
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null ||
+      die "apt-get install ${missing[*]} failed"
+  fi
+}
+
 # wait_for [--pid PID] DESCRIPTION TIMEOUT_SECONDS LOGFILE CMD [ARGS...]
 # Polls CMD (its output discarded) every 0.5 s until it succeeds or the deadline passes.
 # With --pid, fails at once if that process exits meanwhile (a crashed server, not a slow one).

@@ -35,6 +35,7 @@ psql -qAt "$TEST_DATABASE_URL" \
 
 "$here/kafka.sh" delete-test-topics
 
+ensure_build_deps
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"

@@ -52,6 +52,7 @@ if ((observe)); then
   step "$here/observe.sh" start
   export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$JAEGER_OTLP_GRPC_PORT"
 fi
+ensure_build_deps
 log "building the services (release; the first build takes several minutes)"
 step cargo build --release --quiet -p order -p payment -p inventory -p shopctl
 

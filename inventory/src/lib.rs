@@ -23,7 +23,7 @@ use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     saga::OrderSideHandler,
     service::{Service, StartError},
-    topics,
+    tls, topics,
 };
 use shop_proto::inventory::inventory_service_server::{InventoryServiceServer, SERVICE_NAME};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,9 @@ pub struct Config {
     /// `KAFKA_*`; consumer group and client id default to `inventory`.
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
+    /// `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CLIENT_CA_FILE`, `HEALTH_ADDR`:
+    /// TLS and mTLS of the listeners (see [`common::tls`]).
+    pub tls: tls::Settings,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             db: DbConfig::from_env("inventory")?,
             kafka: KafkaConfig::from_env("inventory")?,
             pipeline: PipelineConfig::from_env()?,
+            tls: tls::Settings::from_env()?,
         })
     }
 }
@@ -66,6 +70,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         &config.db,
         config.kafka.clone(),
         config.pipeline.clone(),
+        config.tls.clone(),
         shutdown,
     )?;
     service.serve_metrics(config.metrics_addr).await?;

@@ -21,7 +21,12 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        // The leaf of the chain the client presented over mTLS.
+        let certificate = request
+            .peer_certs()
+            .and_then(|chain| chain.first().map(|leaf| common::tls::fingerprint(leaf)));
         let client = intake::client_key(
+            certificate.as_deref(),
             request
                 .metadata()
                 .get(intake::CLIENT_ID_HEADER)

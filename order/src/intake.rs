@@ -20,8 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::OrderError;
 
-/// The gRPC metadata key and HTTP header naming the client, until mTLS
-/// identities exist; without it the client is its peer IP address.
+/// The gRPC metadata key and HTTP header naming the client when it has no
+/// mTLS identity; without either the client is its peer IP address.
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
 
 /// Longest client id used as given; longer ones are cut (a key, not data).
@@ -67,9 +67,21 @@ impl Limits {
     }
 }
 
-/// Who is calling: the `x-client-id` the caller sent, else its peer IP.
+/// Who is calling: the mTLS identity of its certificate (see
+/// [`common::tls::fingerprint`]) when it presented one, else the
+/// `x-client-id` it sent, else its peer IP. The certificate comes first
+/// because the CA vouches for it, while a header is whatever the caller
+/// says: with mTLS on, a client cannot leave its budget by sending another
+/// id.
 #[must_use]
-pub fn client_key(client_id: Option<&str>, peer: Option<std::net::IpAddr>) -> String {
+pub fn client_key(
+    certificate: Option<&str>,
+    client_id: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> String {
+    if let Some(identity) = certificate {
+        return format!("cert:{identity}");
+    }
     match client_id.map(str::trim).filter(|id| !id.is_empty()) {
         Some(id) => {
             let mut end = id.len().min(MAX_CLIENT_ID_LEN);
@@ -269,12 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn client_key_prefers_the_id_and_falls_back_to_the_peer() {
+    fn client_key_prefers_the_certificate_then_the_id_then_the_peer() {
         let ip = Some("10.0.0.7".parse().unwrap());
-        assert_eq!(client_key(Some(" acme "), ip), "id:acme");
-        assert_eq!(client_key(Some(""), ip), "peer:10.0.0.7");
-        assert_eq!(client_key(None, None), "peer:unknown");
-        assert_eq!(client_key(Some(&"é".repeat(100)), None).len(), 3 + 128);
+        assert_eq!(
+            client_key(Some("sha256:ab"), Some("acme"), ip),
+            "cert:sha256:ab"
+        );
+        assert_eq!(client_key(None, Some(" acme "), ip), "id:acme");
+        assert_eq!(client_key(None, Some(""), ip), "peer:10.0.0.7");
+        assert_eq!(client_key(None, None, None), "peer:unknown");
+        assert_eq!(
+            client_key(None, Some(&"é".repeat(100)), None).len(),
+            3 + 128
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::{
 use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     service::{Service, StartError},
-    topics,
+    tls, topics,
 };
 use shop_proto::order::order_service_server::{OrderServiceServer, SERVICE_NAME};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,9 @@ pub struct Config {
     pub db: DbConfig,
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
+    /// `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CLIENT_CA_FILE`, `HEALTH_ADDR`:
+    /// TLS and mTLS of the listeners (see [`common::tls`]).
+    pub tls: tls::Settings,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             db: DbConfig::from_env("orders")?,
             kafka: KafkaConfig::from_env("order")?,
             pipeline: PipelineConfig::from_env()?,
+            tls: tls::Settings::from_env()?,
         })
     }
 }
@@ -95,6 +99,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         &config.db,
         config.kafka.clone(),
         config.pipeline.clone(),
+        config.tls.clone(),
         shutdown,
     )?;
     service.serve_metrics(config.metrics_addr).await?;

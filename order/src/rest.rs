@@ -5,7 +5,7 @@
 //! description of these routes, generated from the proto's `google.api.http`
 //! annotations (`clients/generate.sh`), at `GET /openapi.json`.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::convert::Infallible;
 
 use axum::{
     Extension, Json, Router,
@@ -21,7 +21,7 @@ use axum::{
     },
     routing::{get, post},
 };
-use common::rest::ApiError;
+use common::{rest::ApiError, tls::Peer};
 use futures::StreamExt;
 use shop_proto::order::CreateOrderRequest;
 
@@ -54,7 +54,7 @@ pub fn router(api: OrderApi) -> Router {
 
 async fn create_order(
     State(api): State<OrderApi>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -74,11 +74,13 @@ async fn create_order(
             .map_err(|_| ApiError::invalid_argument("Idempotency-Key must be visible ASCII"))?
             .to_owned();
     }
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
     let client = intake::client_key(
+        peer.as_ref().and_then(|p| p.identity.as_deref()),
         headers
             .get(intake::CLIENT_ID_HEADER)
             .and_then(|v| v.to_str().ok()),
-        peer.map(|Extension(ConnectInfo(addr))| addr.ip()),
+        peer.as_ref().map(|p| p.addr.ip()),
     );
     let order = api
         .create(&request, &client)

@@ -23,7 +23,7 @@ use common::{
     config::{self, ConfigError, DbConfig, KafkaConfig, PipelineConfig},
     saga::OrderSideHandler,
     service::{Service, StartError},
-    topics,
+    tls, topics,
 };
 use shop_proto::payment::payment_service_server::{PaymentServiceServer, SERVICE_NAME};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,9 @@ pub struct Config {
     pub db: DbConfig,
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
+    /// `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CLIENT_CA_FILE`, `HEALTH_ADDR`:
+    /// TLS and mTLS of the listeners (see [`common::tls`]).
+    pub tls: tls::Settings,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             db: DbConfig::from_env("payments")?,
             kafka: KafkaConfig::from_env("payment")?,
             pipeline: PipelineConfig::from_env()?,
+            tls: tls::Settings::from_env()?,
         })
     }
 
@@ -96,6 +100,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         &config.db,
         config.kafka.clone(),
         config.pipeline.clone(),
+        config.tls.clone(),
         shutdown,
     )?;
     service.serve_metrics(config.metrics_addr).await?;

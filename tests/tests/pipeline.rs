@@ -571,6 +571,8 @@ async fn health_is_not_serving_while_the_database_is_down() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut cfg = payment::Config::from_env().unwrap();
     cfg.grpc_addr = ([127, 0, 0, 1], 0).into();
+    // Not the default 9465: up.sh's payment may hold it.
+    cfg.metrics_addr = ([127, 0, 0, 1], 0).into();
     cfg.db = common::config::DbConfig {
         url: pg.url().into(),
         max_connections: 3,
@@ -617,6 +619,8 @@ async fn a_service_started_without_its_database_answers_not_serving_until_it_can
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut cfg = payment::Config::from_env().unwrap();
     cfg.grpc_addr = addr;
+    // Not the default 9465: up.sh's payment may hold it.
+    cfg.metrics_addr = ([127, 0, 0, 1], 0).into();
     cfg.db = common::config::DbConfig {
         url: pg.url().into(),
         max_connections: 3,
