@@ -18,6 +18,8 @@
 //! | [`EVENTS_CONSUMED`] | counter | `topic`, `event_type`, `outcome` | the consume loop: applied, duplicate, `dead_lettered`, skipped |
 //! | [`CONSUMER_LAG`] | gauge | `topic`, `partition` | librdkafka statistics, every 5 s |
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
+//! | [`SET_BASED_RUNS`] | counter | `topic`, `side` (payment, inventory) | a run of `OrderCreated` a saga side applied in a few set-based statements ([`crate::saga`]) |
+//! | [`SET_BASED_EVENTS`] | counter | `topic`, `side` | the events of those runs; events / runs is the mean run size |
 //!
 //! Counters that follow a database transaction (applied, duplicate, orders
 //! decided) count only once it committed: see [`on_commit`].
@@ -53,6 +55,8 @@ pub const OUTBOX_PENDING: &str = "shop_outbox_pending";
 pub const EVENTS_CONSUMED: &str = "shop_events_consumed_total";
 pub const CONSUMER_LAG: &str = "shop_consumer_lag";
 pub const DB_POOL_CONNECTIONS: &str = "shop_db_pool_connections";
+pub const SET_BASED_RUNS: &str = "shop_consumer_set_based_runs_total";
+pub const SET_BASED_EVENTS: &str = "shop_consumer_set_based_events_total";
 
 /// Latency buckets, in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -128,6 +132,14 @@ fn describe() {
         "Records behind the partition's end, from the committed offset."
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state.");
+    describe_counter!(
+        SET_BASED_RUNS,
+        "Runs of OrderCreated events a saga side applied set-based, in one go."
+    );
+    describe_counter!(
+        SET_BASED_EVENTS,
+        "OrderCreated events applied set-based (in those runs)."
+    );
 }
 
 /// The `/metrics` endpoint of one service; `pool` is sampled at each scrape.
@@ -222,6 +234,20 @@ pub(crate) fn consumed(topic: &str, event_type: Option<&str>, outcome: Outcome) 
         Label::new("outcome", outcome.as_str()),
     ];
     count_on_commit(EVENTS_CONSUMED, labels, 1);
+}
+
+/// A run of `events` records of `topic` applied set-based by a saga
+/// `side`; counts when the transaction commits (see [`on_commit`]), so a
+/// batch that fell back to one record at a time counts nothing here.
+pub fn set_based_run(topic: &str, side: &'static str, events: u64) {
+    let labels = || {
+        vec![
+            Label::new("topic", topic.to_owned()),
+            Label::new("side", side),
+        ]
+    };
+    count_on_commit(SET_BASED_RUNS, labels(), 1);
+    count_on_commit(SET_BASED_EVENTS, labels(), events);
 }
 
 /// Events the broker acknowledged, as `(topic, event_type)` pairs.
