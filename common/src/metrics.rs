@@ -20,6 +20,8 @@
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
 //! | [`ORDER_GROUP_SIZE`] | histogram | | order, `CreateOrder` requests per group-commit transaction |
 //! | [`ORDER_INTAKE_QUEUED`] | gauge | | order, `CreateOrder` requests waiting for a group-commit writer |
+//! | [`SET_BASED_RUNS`] | counter | `topic`, `side` (payment, inventory) | a run of `OrderCreated` a saga side applied in a few set-based statements ([`crate::saga`]) |
+//! | [`SET_BASED_EVENTS`] | counter | `topic`, `side` | the events of those runs; events / runs is the mean run size |
 //!
 //! Counters that follow a database transaction (applied, duplicate, orders
 //! decided) count only once it committed: see [`on_commit`].
@@ -60,6 +62,8 @@ pub const ORDER_INTAKE_QUEUED: &str = "shop_order_intake_queued";
 
 /// Group sizes: one request alone up to past the default group maximum.
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+pub const SET_BASED_RUNS: &str = "shop_consumer_set_based_runs_total";
+pub const SET_BASED_EVENTS: &str = "shop_consumer_set_based_events_total";
 
 /// Latency buckets, in seconds: half a millisecond to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -147,6 +151,14 @@ fn describe() {
     describe_gauge!(
         ORDER_INTAKE_QUEUED,
         "CreateOrder requests waiting for a group-commit writer."
+    );
+    describe_counter!(
+        SET_BASED_RUNS,
+        "Runs of OrderCreated events a saga side applied set-based, in one go."
+    );
+    describe_counter!(
+        SET_BASED_EVENTS,
+        "OrderCreated events applied set-based (in those runs)."
     );
 }
 
@@ -255,6 +267,20 @@ pub(crate) fn consumed(topic: &str, event_type: Option<&str>, outcome: Outcome) 
         Label::new("outcome", outcome.as_str()),
     ];
     count_on_commit(EVENTS_CONSUMED, labels, 1);
+}
+
+/// A run of `events` records of `topic` applied set-based by a saga
+/// `side`; counts when the transaction commits (see [`on_commit`]), so a
+/// batch that fell back to one record at a time counts nothing here.
+pub fn set_based_run(topic: &str, side: &'static str, events: u64) {
+    let labels = || {
+        vec![
+            Label::new("topic", topic.to_owned()),
+            Label::new("side", side),
+        ]
+    };
+    count_on_commit(SET_BASED_RUNS, labels(), 1);
+    count_on_commit(SET_BASED_EVENTS, labels(), events);
 }
 
 /// Events the broker acknowledged, as `(topic, event_type)` pairs.

@@ -8,12 +8,25 @@
 //! creation leaves a marker record, so that the late creation does nothing.
 //! The markers' reasons are defined here, and the invariant checker reads
 //! the same constants.
+//!
+//! A consumer batch reaches a side in runs: [`OrderSideHandler`] splits the
+//! batch's new events into maximal runs of consecutive `OrderCreated`,
+//! handed at once to [`OrderSide::created_all`] (which payment and inventory
+//! apply in a few set-based statements, whatever the run's length), and
+//! handles each `OrderCancelled` alone at its place. Cancellations are rare,
+//! and an order's cancellation must see its creation applied (or not yet)
+//! exactly as it would one event at a time. When the batch fails, the
+//! consume loop replays it one record per transaction through
+//! [`OrderSideHandler`]'s `apply`, the per-record path that isolates a bad
+//! record.
 
 use std::future::Future;
 
 use shop_proto::events::{OrderCancelled, OrderCreated};
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+use tracing::Instrument;
 
 use crate::consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id};
 
@@ -48,6 +61,17 @@ impl OrderEvent {
     }
 }
 
+/// A new order of a run handed to [`OrderSide::created_all`]: its id
+/// (parsed) and customer (present) are checked already.
+#[derive(Debug)]
+pub struct NewOrder<'a> {
+    /// The record it came in; its span is the order's trace, which the
+    /// side's outbox events continue (`OutboxEvent::caused_by`).
+    pub meta: &'a EventMeta,
+    pub order_id: Uuid,
+    pub event: OrderCreated,
+}
+
 /// One side of the saga (payment or inventory): what it does when an order
 /// is created and when it is cancelled. Each step runs in the consume
 /// loop's transaction and publishes its result through the outbox.
@@ -61,6 +85,29 @@ pub trait OrderSide: Send + Sync + 'static {
         order_id: Uuid,
         event: OrderCreated,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Acts on a run of new orders (consecutive `OrderCreated` of one
+    /// batch, in their order, possibly naming one order twice) with exactly
+    /// the effect of [`OrderSide::created`] on each in turn: the same rows,
+    /// the same events in the same order, each decided against what the
+    /// orders before it left. The default does just that, one by one; a
+    /// side overrides it to apply the run in a few set-based statements. It
+    /// need not isolate a bad order: an error fails the batch, which is then
+    /// replayed one record at a time.
+    fn created_all(
+        &self,
+        conn: &mut PgConnection,
+        orders: Vec<NewOrder<'_>>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for order in orders {
+                self.created(conn, order.order_id, order.event)
+                    .instrument(order.meta.span.clone())
+                    .await?;
+            }
+            Ok(())
+        }
+    }
 
     /// Locks the order's record on this side. Without one, returns false.
     /// With one, undoes what [`OrderSide::created`] did (unless there was
@@ -114,6 +161,46 @@ impl<S: OrderSide> EventHandler for OrderSideHandler<S> {
             }
             OrderEvent::Cancelled(e) => self.cancelled(conn, e).await,
         }
+    }
+
+    /// Runs of `OrderCreated` go to [`OrderSide::created_all`] at once;
+    /// each `OrderCancelled` is applied alone, after the run before it and
+    /// before the one after it, as one event at a time would.
+    async fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<(&EventMeta, OrderEvent)>,
+    ) -> Result<(), HandlerError> {
+        let mut run = Vec::new();
+        for (meta, event) in events {
+            match event {
+                OrderEvent::Created(e) => {
+                    meta.span.record("order_id", e.order_id.as_str());
+                    // A bad record fails the batch; the per-record replay
+                    // dead-letters it.
+                    let order_id = parse_id("order id", &e.order_id)?;
+                    require_customer(&e.customer_id, order_id)?;
+                    run.push(NewOrder {
+                        meta,
+                        order_id,
+                        event: e,
+                    });
+                }
+                OrderEvent::Cancelled(e) => {
+                    if !run.is_empty() {
+                        self.0.created_all(conn, std::mem::take(&mut run)).await?;
+                    }
+                    meta.span.record("order_id", e.order_id.as_str());
+                    self.cancelled(conn, e)
+                        .instrument(meta.span.clone())
+                        .await?;
+                }
+            }
+        }
+        if !run.is_empty() {
+            self.0.created_all(conn, run).await?;
+        }
+        Ok(())
     }
 }
 

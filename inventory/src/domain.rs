@@ -98,6 +98,57 @@ pub fn decide(lines: &[Line], available: &BTreeMap<String, i64>) -> Decision {
     }
 }
 
+/// Stock while a run of orders is decided in order, in memory, from the
+/// rows as locked at the start: a reservation takes its units before the
+/// next order is decided, exactly as one transaction per order would. Each
+/// product's net change is then written back once, instead of once per
+/// order (which, for a popular product, walks a growing chain of row
+/// versions within one transaction).
+#[derive(Debug, Default)]
+pub struct Shelf {
+    /// Units available now, of the known products.
+    available: BTreeMap<String, i64>,
+    /// Units reserved by the run so far, by product.
+    taken: BTreeMap<String, i64>,
+}
+
+impl Shelf {
+    /// `available` holds the units of the known products.
+    #[must_use]
+    pub fn new(available: BTreeMap<String, i64>) -> Self {
+        Self {
+            available,
+            taken: BTreeMap::new(),
+        }
+    }
+
+    /// [`decide`]s an order's (merged) lines against the stock the orders
+    /// before it left; a reservation takes every line's units.
+    pub fn reserve(&mut self, lines: &[Line]) -> Decision {
+        let decision = decide(lines, &self.available);
+        if decision == Decision::Reserve {
+            for line in lines {
+                let units = i64::from(line.quantity);
+                // `decide` found each product with at least `units` left.
+                if let Some(available) = self.available.get_mut(&line.product_id) {
+                    *available -= units;
+                }
+                *self.taken.entry(line.product_id.clone()).or_insert(0) += units;
+            }
+        }
+        decision
+    }
+
+    /// Units the run reserved, per product, in product order.
+    #[must_use]
+    pub fn taken(&self) -> Vec<(&str, i64)> {
+        self.taken
+            .iter()
+            .map(|(product, units)| (product.as_str(), *units))
+            .collect()
+    }
+}
+
 /// A reservation's state as stored (a TEXT column with a CHECK on these
 /// names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -233,6 +284,66 @@ mod tests {
                     .into()
             )
         );
+    }
+
+    #[test]
+    fn shelf_decides_a_run_as_one_order_after_another() {
+        let levels = stock(&[("PROD001", 10), ("PROD020", 3)]);
+        let mut shelf = Shelf::new(levels.clone());
+        let orders = [
+            vec![line("PROD020", 2)],
+            vec![line("PROD001", 4), line("PROD020", 2)], // 1 left: all or nothing
+            vec![line("PROD001", 4)],
+            vec![line("PROD020", 1)], // the rejection above took nothing
+            vec![line("PROD001", 7), line("PROD999", 1)],
+            vec![line("PROD001", 6)],
+            vec![line("PROD001", 1)],
+        ];
+        // The oracle: each order decided against the levels the ones
+        // before it left, one at a time.
+        let mut sequential = levels;
+        let mut decisions = Vec::new();
+        for lines in &orders {
+            let expected = decide(lines, &sequential);
+            if expected == Decision::Reserve {
+                for l in lines {
+                    *sequential.get_mut(&l.product_id).unwrap() -= i64::from(l.quantity);
+                }
+            }
+            let got = shelf.reserve(lines);
+            assert_eq!(got, expected, "{lines:?}");
+            decisions.push(got);
+        }
+        assert_eq!(
+            decisions[1],
+            Decision::Reject("out of stock: PROD020 (requested 2, available 1)".into())
+        );
+        assert_eq!(
+            decisions[4],
+            Decision::Reject(
+                "unknown product PROD999; out of stock: PROD001 (requested 7, available 6)".into()
+            )
+        );
+        assert_eq!(
+            decisions[6],
+            Decision::Reject("out of stock: PROD001 (requested 1, available 0)".into())
+        );
+        assert_eq!(shelf.taken(), vec![("PROD001", 10), ("PROD020", 3)]);
+        assert_eq!(sequential, stock(&[("PROD001", 0), ("PROD020", 0)]));
+    }
+
+    #[test]
+    fn shelf_takes_nothing_for_rejections() {
+        let mut shelf = Shelf::new(stock(&[("PROD001", 1)]));
+        assert!(matches!(
+            shelf.reserve(&[line("PROD001", 2)]),
+            Decision::Reject(_)
+        ));
+        assert!(matches!(
+            shelf.reserve(&[line("PROD404", 1)]),
+            Decision::Reject(_)
+        ));
+        assert!(shelf.taken().is_empty());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The inventory database: stock levels, reservations and their items.
 //!
 //! Functions that take a `PgConnection` run on the caller's transaction
-//! (the consume loop's); the reservation handler in [`crate::reservations`]
+//! (the consume loop's); the reservation handler in [`crate::consumer`]
 //! decides what to call and enqueues events in the same transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use common::catalog;
 use shop_proto::inventory::Stock;
@@ -139,6 +139,12 @@ struct Available {
 async fn move_stock(conn: &mut PgConnection, lines: &[Line], sign: i64) -> sqlx::Result<u64> {
     let ids: Vec<&str> = lines.iter().map(|l| l.product_id.as_str()).collect();
     let quantities: Vec<i64> = lines.iter().map(|l| sign * i64::from(l.quantity)).collect();
+    move_units(conn, &ids, &quantities).await
+}
+
+/// available -= units, reserved += units for each product (negative units
+/// move back), in one statement; each product must appear once.
+async fn move_units(conn: &mut PgConnection, ids: &[&str], units: &[i64]) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE stock s
          SET available = s.available - r.quantity, reserved = s.reserved + r.quantity,
@@ -146,8 +152,8 @@ async fn move_stock(conn: &mut PgConnection, lines: &[Line], sign: i64) -> sqlx:
          FROM UNNEST($1::text[], $2::bigint[]) AS r(product_id, quantity)
          WHERE s.product_id = r.product_id",
     )
-    .bind(&ids)
-    .bind(&quantities)
+    .bind(ids)
+    .bind(units)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
@@ -156,6 +162,14 @@ async fn move_stock(conn: &mut PgConnection, lines: &[Line], sign: i64) -> sqlx:
 /// available -= q, reserved += q for each line.
 pub async fn take_stock(conn: &mut PgConnection, lines: &[Line]) -> sqlx::Result<u64> {
     move_stock(conn, lines, 1).await
+}
+
+/// Reserves the net units a run of orders took, once per product (one
+/// entry per product; the rows must be locked already). Returns how many
+/// rows changed.
+pub async fn take_units(conn: &mut PgConnection, taken: &[(&str, i64)]) -> sqlx::Result<u64> {
+    let (ids, units): (Vec<&str>, Vec<i64>) = taken.iter().copied().unzip();
+    move_units(conn, &ids, &units).await
 }
 
 /// available += q, reserved -= q for each line.
@@ -202,6 +216,67 @@ pub async fn insert_reservation(
         )
         .bind(new.order_id)
         .bind(&ids)
+        .bind(&quantities)
+        .execute(conn)
+        .await?;
+    }
+    Ok(true)
+}
+
+/// Which of `order_ids` have a reservation already (whatever its status).
+pub async fn reserved_orders(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> sqlx::Result<HashSet<Uuid>> {
+    let found: Vec<Uuid> =
+        sqlx::query_scalar("SELECT order_id FROM reservations WHERE order_id = ANY($1)")
+            .bind(order_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// Inserts several reservations and all their items, in two statements.
+/// Returns false, having written no items, when some order had a
+/// reservation already (a concurrent delivery got there first): the caller
+/// must then roll back, since the decisions after that order rest on stock
+/// it did not take.
+pub async fn insert_reservations(
+    conn: &mut PgConnection,
+    new: &[NewReservation<'_>],
+) -> sqlx::Result<bool> {
+    let ids: Vec<Uuid> = new.iter().map(|r| r.order_id).collect();
+    let customers: Vec<&str> = new.iter().map(|r| r.customer_id).collect();
+    let statuses: Vec<&str> = new.iter().map(|r| r.status.as_str()).collect();
+    let reasons: Vec<&str> = new.iter().map(|r| r.reason).collect();
+    let inserted = sqlx::query(
+        "INSERT INTO reservations (order_id, customer_id, status, reason)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[])
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&statuses)
+    .bind(&reasons)
+    .execute(&mut *conn)
+    .await?;
+    if usize::try_from(inserted.rows_affected()) != Ok(new.len()) {
+        return Ok(false);
+    }
+    let lines = || {
+        new.iter()
+            .flat_map(|r| r.lines.iter().map(move |l| (r.order_id, l)))
+    };
+    let item_orders: Vec<Uuid> = lines().map(|(order_id, _)| order_id).collect();
+    let products: Vec<&str> = lines().map(|(_, l)| l.product_id.as_str()).collect();
+    let quantities: Vec<i64> = lines().map(|(_, l)| i64::from(l.quantity)).collect();
+    if !item_orders.is_empty() {
+        sqlx::query(
+            "INSERT INTO reservation_items (order_id, product_id, quantity)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])",
+        )
+        .bind(&item_orders)
+        .bind(&products)
         .bind(&quantities)
         .execute(conn)
         .await?;

@@ -5,6 +5,8 @@
 //! same way (`1999 USD` is $19.99, as in `shop.common.v1.Money`), so that no
 //! rule needs to know a currency's number of decimals.
 
+use std::collections::{BTreeMap, HashMap};
+
 use shop_proto::common::Money;
 
 pub use common::error::Invalid;
@@ -76,6 +78,52 @@ pub fn decide(credit: &Credit, amount: i64, currency: &str) -> Decision {
             money_text(amount, currency),
             money_text(credit.available(), &credit.currency)
         )),
+    }
+}
+
+/// Customers' credit while a run of orders is decided in order, in memory,
+/// from their accounts as locked at the start: each approval takes its
+/// amount before the customer's next order is decided, exactly as deciding
+/// the orders one transaction after another would. What changed is then
+/// written back once per account.
+#[derive(Debug, Default)]
+pub struct Books {
+    accounts: HashMap<String, Credit>,
+    /// Credit in use of the accounts an approval changed, by customer.
+    changed: BTreeMap<String, i64>,
+}
+
+impl Books {
+    #[must_use]
+    pub fn new(accounts: impl IntoIterator<Item = (String, Credit)>) -> Self {
+        Self {
+            accounts: accounts.into_iter().collect(),
+            changed: BTreeMap::new(),
+        }
+    }
+
+    /// [`decide`]s an order of `customer_id` against the account as the
+    /// orders before it left it; an approval takes the credit. `None` when
+    /// the customer has no account in these books.
+    pub fn pay(&mut self, customer_id: &str, amount: i64, currency: &str) -> Option<Decision> {
+        let credit = self.accounts.get_mut(customer_id)?;
+        let decision = decide(credit, amount, currency);
+        if decision == Decision::Approve {
+            // `decide` approved: this neither overflows nor passes the limit.
+            credit.used += amount;
+            self.changed.insert(customer_id.to_owned(), credit.used);
+        }
+        Some(decision)
+    }
+
+    /// The accounts whose credit in use changed, with its new value, in
+    /// customer order.
+    #[must_use]
+    pub fn changed(&self) -> Vec<(&str, i64)> {
+        self.changed
+            .iter()
+            .map(|(customer, used)| (customer.as_str(), *used))
+            .collect()
     }
 }
 
@@ -206,6 +254,58 @@ mod tests {
         assert!(reason.contains("EUR") && reason.contains("USD"), "{reason}");
         let reason = declined(decide(&usd(1000, 0), -1, "USD"));
         assert_eq!(reason, "invalid amount: order total -1 USD is negative");
+    }
+
+    #[test]
+    fn books_decide_a_run_as_one_order_after_another() {
+        let mut books = Books::new([
+            ("A".to_owned(), usd(1000, 100)),
+            ("B".to_owned(), usd(500, 0)),
+        ]);
+        // The same orders decided one by one, each against the account as
+        // the one before left it.
+        let orders = [
+            ("A", 400),
+            ("B", 300),
+            ("A", 400),
+            ("A", 200), // 100 + 400 + 400 = 900 in use: 200 does not fit
+            ("B", 200),
+            ("A", 100), // a decline took nothing: 100 still fits, exactly
+            ("B", 1),
+        ];
+        let mut sequential: HashMap<&str, Credit> =
+            HashMap::from([("A", usd(1000, 100)), ("B", usd(500, 0))]);
+        for (customer, amount) in orders {
+            let expected = decide(&sequential[customer], amount, "USD");
+            if expected == Decision::Approve {
+                sequential.get_mut(customer).unwrap().used += amount;
+            }
+            assert_eq!(books.pay(customer, amount, "USD"), Some(expected));
+        }
+        assert_eq!(books.changed(), vec![("A", 1000), ("B", 500)]);
+        assert_eq!(
+            books.pay("A", 1, "USD"),
+            Some(Decision::Decline(
+                "insufficient credit: order total 1 USD exceeds available credit 0 USD".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn books_change_only_what_an_approval_took() {
+        let mut books = Books::new([("A".to_owned(), usd(100, 0)), ("B".to_owned(), usd(100, 0))]);
+        assert!(matches!(
+            books.pay("A", 101, "USD"),
+            Some(Decision::Decline(_))
+        ));
+        assert!(matches!(
+            books.pay("B", 10, "EUR"),
+            Some(Decision::Decline(_))
+        ));
+        assert_eq!(books.pay("NOBODY", 1, "USD"), None);
+        assert!(books.changed().is_empty());
+        assert_eq!(books.pay("B", 0, "USD"), Some(Decision::Approve));
+        assert_eq!(books.changed(), vec![("B", 0)]);
     }
 
     #[test]

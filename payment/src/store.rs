@@ -2,6 +2,8 @@
 //! The consumer calls these on its transaction; the gRPC API reads, and
 //! sets credit limits in a transaction of its own.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use common::time::to_timestamp;
 use shop_proto::{
@@ -29,6 +31,72 @@ pub async fn ensure_account(
     .bind(customer_id)
     .bind(&defaults.currency)
     .bind(defaults.credit_limit)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Creates the accounts of `customer_ids` with the defaults unless they
+/// exist, in one statement (in the order given: pass them sorted, as
+/// [`lock_accounts`] locks them).
+pub async fn ensure_accounts(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+    defaults: &AccountDefaults,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
+         SELECT customer_id, $2, $3 FROM UNNEST($1::text[]) AS c(customer_id)
+         ON CONFLICT (customer_id) DO NOTHING",
+    )
+    .bind(customer_ids)
+    .bind(&defaults.currency)
+    .bind(defaults.credit_limit)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An account with its customer, as [`lock_accounts`] returns it.
+#[derive(Debug, sqlx::FromRow)]
+struct AccountRow {
+    customer_id: String,
+    #[sqlx(flatten)]
+    credit: Credit,
+}
+
+/// The accounts of `customer_ids` that exist, locked until the transaction
+/// ends, always in customer order: concurrent lockers of several accounts
+/// then never deadlock on each other.
+pub async fn lock_accounts(
+    conn: &mut PgConnection,
+    customer_ids: &[&str],
+) -> sqlx::Result<Vec<(String, Credit)>> {
+    let rows: Vec<AccountRow> = sqlx::query_as(
+        r#"SELECT customer_id, currency, credit_limit_units AS "limit", used_units AS used
+           FROM accounts WHERE customer_id = ANY($1)
+           ORDER BY customer_id FOR UPDATE"#,
+    )
+    .bind(customer_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.customer_id, r.credit))
+        .collect())
+}
+
+/// Sets the credit in use of several accounts in one statement (the caller
+/// holds their locks).
+pub async fn set_used_all(conn: &mut PgConnection, used: &[(&str, i64)]) -> sqlx::Result<()> {
+    let (customers, amounts): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
+    sqlx::query(
+        "UPDATE accounts a SET used_units = u.used, updated_at = now()
+         FROM UNNEST($1::text[], $2::bigint[]) AS u(customer_id, used)
+         WHERE a.customer_id = u.customer_id",
+    )
+    .bind(&customers)
+    .bind(&amounts)
     .execute(conn)
     .await?;
     Ok(())
@@ -178,6 +246,48 @@ pub async fn insert_payment(conn: &mut PgConnection, p: &NewPayment<'_>) -> sqlx
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Which of `order_ids` have a payment row already (a decision, or the
+/// marker of a cancellation that came first).
+pub async fn paid_orders(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> sqlx::Result<HashSet<Uuid>> {
+    let found: Vec<Uuid> =
+        sqlx::query_scalar("SELECT order_id FROM payments WHERE order_id = ANY($1)")
+            .bind(order_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// Records several orders' payments in one statement, skipping orders that
+/// have one already; returns how many it wrote. Like [`insert_payment`], a
+/// concurrent writer of one of the orders makes this wait for its
+/// transaction.
+pub async fn insert_payments(conn: &mut PgConnection, new: &[NewPayment<'_>]) -> sqlx::Result<u64> {
+    let ids: Vec<Uuid> = new.iter().map(|p| p.order_id).collect();
+    let customers: Vec<&str> = new.iter().map(|p| p.customer_id).collect();
+    let currencies: Vec<&str> = new.iter().map(|p| p.currency).collect();
+    let amounts: Vec<i64> = new.iter().map(|p| p.amount).collect();
+    let statuses: Vec<&str> = new.iter().map(|p| p.status.as_str()).collect();
+    let reasons: Vec<&str> = new.iter().map(|p| p.reason).collect();
+    let done = sqlx::query(
+        "INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                              $6::text[])
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&currencies)
+    .bind(&amounts)
+    .bind(&statuses)
+    .bind(&reasons)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Marks a payment refunded (the caller holds the row's lock).
