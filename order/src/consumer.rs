@@ -3,6 +3,15 @@
 //! `OrderCancelled`, on which payment refunds and inventory releases
 //! whatever they did for the order; [`crate::deadline`] cancels the orders
 //! whose results never came.
+//!
+//! Two paths apply the events, with the same rules ([`crate::saga`]):
+//!
+//! - [`crate::saga_batch`], the normal one: a whole batch in a few
+//!   set-based statements (`EventHandler::apply_all`);
+//! - the per-record path here (`EventHandler::apply`), taken when a batch
+//!   fails: the consume loop rolls the batch back and replays it one record
+//!   per transaction, which isolates a bad record (an unknown order, an
+//!   invalid outcome) so that it alone is dead-lettered.
 
 use common::{
     consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id},
@@ -13,7 +22,40 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::domain::{Decision, InventoryStatus, Outcome, PaymentStatus, Status, decide};
+use crate::{
+    domain::Outcome,
+    saga::{Decided, Report, SagaState, Side},
+};
+
+/// Events applied, by path: `set` ([`crate::saga_batch`]) or `record` (the
+/// per-record replay of a batch that failed). Counted on commit.
+pub const SAGA_EVENTS: &str = "shop_order_saga_events_total";
+/// Batches the set-based path applied. Counted on commit; with
+/// [`SAGA_EVENTS`] it gives the mean batch size.
+pub const SAGA_BATCHES: &str = "shop_order_saga_batches_total";
+
+/// Makes the saga counters show (at 0) before the first event.
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        SAGA_EVENTS,
+        "Saga events order applied, by path (set, record)."
+    );
+    metrics::describe_counter!(SAGA_BATCHES, "Batches order applied set-based.");
+    for path in ["set", "record"] {
+        metrics::counter!(SAGA_EVENTS, "path" => path).increment(0);
+    }
+    metrics::counter!(SAGA_BATCHES).increment(0);
+}
+
+/// Counts events applied by `path` when the consume loop's transaction
+/// commits.
+pub(crate) fn count_applied(path: &'static str, events: usize) {
+    common::metrics::count_on_commit(
+        SAGA_EVENTS,
+        vec![metrics::Label::new("path", path)],
+        events as u64,
+    );
+}
 
 /// The events order acts on, from topics `payments` and `inventory`.
 #[derive(Clone, Debug)]
@@ -22,6 +64,43 @@ pub enum SagaEvent {
     PaymentRefunded(events::PaymentRefunded),
     Inventory(events::InventoryUpdated),
     InventoryReleased(events::InventoryReleased),
+}
+
+impl SagaEvent {
+    /// The order it concerns (as carried, not yet parsed) and what it
+    /// reports; an outcome outside the contract can never apply.
+    pub(crate) fn into_report(self) -> Result<(String, Report), HandlerError> {
+        Ok(match self {
+            SagaEvent::Payment(e) => {
+                let outcome = match events::PaymentOutcome::try_from(e.outcome) {
+                    Ok(events::PaymentOutcome::Approved) => Outcome::Ok,
+                    Ok(events::PaymentOutcome::Declined) => Outcome::Failed(e.reason),
+                    _ => {
+                        return Err(HandlerError::Permanent(format!(
+                            "payment outcome {} is not valid",
+                            e.outcome
+                        )));
+                    }
+                };
+                (e.order_id, Report::Result(Side::Payment, outcome))
+            }
+            SagaEvent::Inventory(e) => {
+                let outcome = match events::InventoryOutcome::try_from(e.outcome) {
+                    Ok(events::InventoryOutcome::Reserved) => Outcome::Ok,
+                    Ok(events::InventoryOutcome::Rejected) => Outcome::Failed(e.reason),
+                    _ => {
+                        return Err(HandlerError::Permanent(format!(
+                            "inventory outcome {} is not valid",
+                            e.outcome
+                        )));
+                    }
+                };
+                (e.order_id, Report::Result(Side::Inventory, outcome))
+            }
+            SagaEvent::PaymentRefunded(e) => (e.order_id, Report::Compensated(Side::Payment)),
+            SagaEvent::InventoryReleased(e) => (e.order_id, Report::Compensated(Side::Inventory)),
+        })
+    }
 }
 
 /// Plugs the saga into `common::consumer`.
@@ -51,92 +130,71 @@ impl EventHandler for SagaHandler {
         }))
     }
 
+    /// The per-record path: the replay of a batch that failed.
     async fn apply(
         &self,
         conn: &mut PgConnection,
         meta: &EventMeta,
         event: SagaEvent,
     ) -> Result<(), HandlerError> {
-        let order_id = match &event {
-            SagaEvent::Payment(e) => &e.order_id,
-            SagaEvent::PaymentRefunded(e) => &e.order_id,
-            SagaEvent::Inventory(e) => &e.order_id,
-            SagaEvent::InventoryReleased(e) => &e.order_id,
-        };
+        let (order_id, report) = event.into_report()?;
         meta.span.record("order_id", order_id.as_str());
-        match event {
-            SagaEvent::Payment(e) => {
-                let outcome = match events::PaymentOutcome::try_from(e.outcome) {
-                    Ok(events::PaymentOutcome::Approved) => Outcome::Ok,
-                    Ok(events::PaymentOutcome::Declined) => Outcome::Failed(e.reason),
-                    _ => return Err(HandlerError::Permanent(format!("payment outcome {} is not valid", e.outcome))),
-                };
-                self.record(conn, &e.order_id, Side::Payment, outcome).await
+        match report {
+            Report::Result(side, outcome) => {
+                self.record(conn, &order_id, side, outcome).await?;
             }
-            SagaEvent::Inventory(e) => {
-                let outcome = match events::InventoryOutcome::try_from(e.outcome) {
-                    Ok(events::InventoryOutcome::Reserved) => Outcome::Ok,
-                    Ok(events::InventoryOutcome::Rejected) => Outcome::Failed(e.reason),
-                    _ => return Err(HandlerError::Permanent(format!("inventory outcome {} is not valid", e.outcome))),
-                };
-                self.record(conn, &e.order_id, Side::Inventory, outcome).await
-            }
-            SagaEvent::PaymentRefunded(e) => {
+            Report::Compensated(Side::Payment) => {
                 mark_compensated(
                     conn,
-                    &e.order_id,
+                    &order_id,
                     "UPDATE orders SET payment_status = 'REFUNDED', updated_at = now() WHERE order_id = $1",
-                ).await
+                ).await?;
             }
-            SagaEvent::InventoryReleased(e) => {
+            Report::Compensated(Side::Inventory) => {
                 mark_compensated(
                     conn,
-                    &e.order_id,
+                    &order_id,
                     "UPDATE orders SET inventory_status = 'RELEASED', updated_at = now() WHERE order_id = $1",
-                ).await
+                ).await?;
             }
         }
+        count_applied("record", 1);
+        Ok(())
+    }
+
+    /// The set-based path ([`crate::saga_batch`]).
+    async fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<(&EventMeta, SagaEvent)>,
+    ) -> Result<(), HandlerError> {
+        // A root span: the batch serves many traces; each record's own hop
+        // is its `order status update` span.
+        let span = tracing::info_span!(parent: None, "saga batch", events = events.len());
+        crate::saga_batch::apply(conn, &self.orders_topic, events)
+            .instrument(span)
+            .await
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Side {
-    Payment,
-    Inventory,
-}
-
-/// What the saga needs of an `orders` row.
+/// The `orders` row the saga locks: whom to key events by, and its state.
 #[derive(sqlx::FromRow)]
-struct SagaRow {
-    customer_id: String,
-    status: Status,
-    payment_status: Option<PaymentStatus>,
-    payment_reason: String,
-    inventory_status: Option<InventoryStatus>,
-    inventory_reason: String,
+pub(crate) struct LockedRow {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    #[sqlx(flatten)]
+    pub state: SagaState,
 }
 
-impl SagaRow {
-    /// What payment reported, if it has.
-    fn payment(&self) -> Option<Outcome> {
-        self.payment_status.map(|s| match s {
-            PaymentStatus::Approved => Outcome::Ok,
-            PaymentStatus::Declined | PaymentStatus::Refunded => {
-                Outcome::Failed(self.payment_reason.clone())
-            }
-        })
-    }
-
-    /// What inventory reported, if it has.
-    fn inventory(&self) -> Option<Outcome> {
-        self.inventory_status.map(|s| match s {
-            InventoryStatus::Reserved => Outcome::Ok,
-            InventoryStatus::Rejected | InventoryStatus::Released => {
-                Outcome::Failed(self.inventory_reason.clone())
-            }
-        })
-    }
+/// The columns of [`LockedRow`], for the statements that lock it (a macro,
+/// so that they stay `&'static str` with `concat!`).
+macro_rules! locked_columns {
+    () => {
+        "order_id, customer_id, status, reason, payment_status, payment_reason, \
+         inventory_status, inventory_reason"
+    };
 }
+pub(crate) use locked_columns;
 
 impl SagaHandler {
     /// Records one side's result (the first report wins) and, if the order
@@ -162,41 +220,20 @@ impl SagaHandler {
         outcome: Outcome,
     ) -> Result<(), HandlerError> {
         let id = parse_id("order id", order_id)?;
-        let row: Option<SagaRow> = sqlx::query_as(
-            "SELECT customer_id, status, payment_status, payment_reason, inventory_status, inventory_reason
-             FROM orders WHERE order_id = $1 FOR UPDATE",
-        )
+        let row: Option<LockedRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            locked_columns!(),
+            " FROM orders WHERE order_id = $1 FOR UPDATE"
+        ))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
         let Some(mut row) = row else {
             return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
         };
-        let (ok, reason) = match outcome {
-            Outcome::Ok => (true, String::new()),
-            Outcome::Failed(r) => (false, r),
-        };
-        // The first report of a side wins; another event for the same
-        // result changes nothing.
-        match side {
-            Side::Payment if row.payment_status.is_some() => return Ok(()),
-            Side::Inventory if row.inventory_status.is_some() => return Ok(()),
-            Side::Payment => {
-                row.payment_status = Some(if ok {
-                    PaymentStatus::Approved
-                } else {
-                    PaymentStatus::Declined
-                });
-                row.payment_reason = reason;
-            }
-            Side::Inventory => {
-                row.inventory_status = Some(if ok {
-                    InventoryStatus::Reserved
-                } else {
-                    InventoryStatus::Rejected
-                });
-                row.inventory_reason = reason;
-            }
+        let step = row.state.apply(Report::Result(side, outcome));
+        if !step.changed {
+            return Ok(()); // the first report of a side wins
         }
         // Both sides from the locked row: the side not reported keeps its
         // value.
@@ -206,42 +243,29 @@ impl SagaHandler {
              WHERE order_id = $1",
         )
         .bind(id)
-        .bind(row.payment_status)
-        .bind(&row.payment_reason)
-        .bind(row.inventory_status)
-        .bind(&row.inventory_reason)
+        .bind(row.state.payment_status)
+        .bind(&row.state.payment_reason)
+        .bind(row.state.inventory_status)
+        .bind(&row.state.inventory_reason)
         .execute(&mut *conn)
         .await?;
         // Recording a result moves `updated_at`, which watchers see.
         crate::store::notify_changed(conn, &[id]).await?;
-        if row.status != Status::Pending {
-            return Ok(()); // decided already (timed out); compensation is under way
-        }
-        let decision = decide(row.payment().as_ref(), row.inventory().as_ref());
-        let customer_id = row.customer_id;
-        match decision {
-            Decision::Wait => Ok(()),
-            Decision::Confirm => {
+        match step.decided {
+            None => Ok(()),
+            Some(Decided::Confirmed) => {
                 sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE order_id = $1")
                     .bind(id)
                     .execute(&mut *conn)
                     .await?;
-                let event_id = Uuid::now_v7();
-                let event = events::OrderConfirmed {
-                    event_id: event_id.to_string(),
-                    occurred_at: Some(common::time::now()),
-                    order_id: order_id.to_owned(),
-                    customer_id: customer_id.clone(),
-                };
-                let out =
-                    OutboxEvent::new(self.orders_topic.clone(), &customer_id, event_id, &event);
+                let out = confirmed_event(&self.orders_topic, id, &row.customer_id);
                 outbox::enqueue(conn, &[out]).await?;
                 // Counted when the consume loop's transaction commits.
                 common::metrics::orders_decided("CONFIRMED", 1);
                 Ok(())
             }
-            Decision::Cancel(reason) => {
-                cancel(conn, &self.orders_topic, &[(id, customer_id, reason)]).await?;
+            Some(Decided::Cancelled(reason)) => {
+                cancel(conn, &self.orders_topic, &[(id, row.customer_id, reason)]).await?;
                 common::metrics::orders_decided("CANCELLED", 1);
                 Ok(())
             }
@@ -262,7 +286,42 @@ async fn mark_compensated(
     Ok(())
 }
 
-/// Cancels orders and enqueues their `OrderCancelled` events.
+/// The `OrderConfirmed` event of an order, keyed by its customer.
+pub(crate) fn confirmed_event(
+    orders_topic: &str,
+    order_id: Uuid,
+    customer_id: &str,
+) -> OutboxEvent {
+    let event_id = Uuid::now_v7();
+    let event = events::OrderConfirmed {
+        event_id: event_id.to_string(),
+        occurred_at: Some(common::time::now()),
+        order_id: order_id.to_string(),
+        customer_id: customer_id.to_owned(),
+    };
+    OutboxEvent::new(orders_topic.to_owned(), customer_id, event_id, &event)
+}
+
+/// The `OrderCancelled` event of an order, keyed by its customer.
+pub(crate) fn cancelled_event(
+    orders_topic: &str,
+    order_id: Uuid,
+    customer_id: &str,
+    reason: &str,
+) -> OutboxEvent {
+    let event_id = Uuid::now_v7();
+    let event = events::OrderCancelled {
+        event_id: event_id.to_string(),
+        occurred_at: Some(common::time::now()),
+        order_id: order_id.to_string(),
+        customer_id: customer_id.to_owned(),
+        reason: reason.to_owned(),
+    };
+    OutboxEvent::new(orders_topic.to_owned(), customer_id, event_id, &event)
+}
+
+/// Cancels orders and enqueues their `OrderCancelled` events. Shared by
+/// the per-record path and the deadline sweeper.
 pub(crate) async fn cancel(
     conn: &mut PgConnection,
     orders_topic: &str,
@@ -282,17 +341,7 @@ pub(crate) async fn cancel(
     crate::store::notify_changed(conn, &ids).await?;
     let events: Vec<OutboxEvent> = orders
         .iter()
-        .map(|(id, customer_id, reason)| {
-            let event_id = Uuid::now_v7();
-            let event = events::OrderCancelled {
-                event_id: event_id.to_string(),
-                occurred_at: Some(common::time::now()),
-                order_id: id.to_string(),
-                customer_id: customer_id.clone(),
-                reason: reason.clone(),
-            };
-            OutboxEvent::new(orders_topic.to_owned(), customer_id, event_id, &event)
-        })
+        .map(|(id, customer_id, reason)| cancelled_event(orders_topic, *id, customer_id, reason))
         .collect();
     outbox::enqueue(conn, &events).await
 }

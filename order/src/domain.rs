@@ -184,6 +184,42 @@ pub enum InventoryStatus {
     Released,
 }
 
+impl Status {
+    /// The stored name (for statements that bind many as `text[]`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::Confirmed => "CONFIRMED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl PaymentStatus {
+    /// The stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Approved => "APPROVED",
+            PaymentStatus::Declined => "DECLINED",
+            PaymentStatus::Refunded => "REFUNDED",
+        }
+    }
+}
+
+impl InventoryStatus {
+    /// The stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InventoryStatus::Reserved => "RESERVED",
+            InventoryStatus::Rejected => "REJECTED",
+            InventoryStatus::Released => "RELEASED",
+        }
+    }
+}
+
 /// What a side reported: success, or failure with a reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -6,7 +6,8 @@
 //! - [`api`]: the behaviour both front ends share; [`grpc`] and [`rest`]
 //!   are thin adapters over it; [`error`] maps failures to status codes.
 //! - [`consumer`]: consumes `payments` and `inventory`, decides CONFIRMED
-//!   or CANCELLED; [`deadline`] cancels orders whose results never came.
+//!   or CANCELLED, a batch at a time in [`saga_batch`] by the rules of
+//!   [`saga`] (pure); [`deadline`] cancels orders whose results never came.
 //! - [`intake`]: the limits on `CreateOrder` (in flight, per client rate,
 //!   database queueing).
 //! - [`group_commit`]: the writers that store concurrent new orders in one
@@ -25,6 +26,8 @@ pub mod grpc;
 pub mod idempotency;
 pub mod intake;
 pub mod rest;
+pub mod saga;
+pub mod saga_batch;
 pub mod store;
 pub mod watch;
 
@@ -104,6 +107,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
     )?;
     service.serve_metrics(config.metrics_addr).await?;
     common::metrics::register_order_counters();
+    consumer::register_metrics();
     let orders_topic = config.kafka.topic(topics::ORDERS);
     let catalog = Arc::new(OnceLock::new());
     let writer = group_commit::GroupCommit::new(

@@ -280,6 +280,30 @@ async fn one_order_is_one_trace_across_all_three_services() {
             .iter()
             .all(|m| m.headers().is_some_and(|h| h.count() >= 4))
     );
+    // So does the decision, though order's set-based consumer writes the
+    // outbox rows of a whole batch at once: each continues the trace of the
+    // record that caused it.
+    let decision = eventually("the OrderConfirmed record", || async {
+        shopctl::topic::read_all(&kafka, &format!("t{id}.orders"))
+            .ok()?
+            .into_iter()
+            .find(|m| {
+                m.headers()
+                    .and_then(|h| common::kafka::header_str(h, "event-type"))
+                    == Some(
+                        <shop_proto::events::OrderConfirmed as shop_proto::EventName>::EVENT_TYPE,
+                    )
+            })
+    })
+    .await;
+    let traceparent = decision
+        .headers()
+        .and_then(|h| common::kafka::header_str(h, "traceparent"))
+        .expect("a traceparent header on OrderConfirmed");
+    assert!(
+        traceparent.starts_with(&format!("00-{trace_id}-")),
+        "{traceparent}"
+    );
 
     for service in &mut services {
         assert!(service.terminate().await.success(), "{}", service.log());
