@@ -201,6 +201,9 @@ max_wal_size = '4GB'
 min_wal_size = '1GB'
 checkpoint_timeout = '15min'
 checkpoint_completion_target = 0.9
+# Per-statement counts and times for profiling (BENCHMARKS.md): SELECT ... FROM
+# pg_stat_statements after CREATE EXTENSION pg_stat_statements in any database.
+shared_preload_libraries = 'pg_stat_statements'
 EOF
   grep -qxF "include_if_exists = 'shop.conf'" "$PG_DATA/postgresql.conf" ||
     echo "include_if_exists = 'shop.conf'" | as_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null
@@ -355,6 +358,9 @@ BEGIN
   END IF;
 END
 $$;
+-- For profiling (BENCHMARKS.md): shop reads every database's statements from here.
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+GRANT pg_read_all_stats TO shop;
 SQL
   local db
   for db in "${DATABASES[@]}"; do
