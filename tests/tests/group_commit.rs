@@ -163,13 +163,18 @@ fn orders_url(p: &Pipeline) -> String {
     format!("{base}/t_{}_orders", p.id)
 }
 
-/// How many transactions wrote these orders.
+/// How many transactions wrote these orders, from the `xmin` of their
+/// items: rows nothing updates afterwards. (An `orders` row's `xmin` moves to
+/// the saga's transaction once a result is recorded, and the set-based saga
+/// records many orders' results in one.)
 async fn transactions(p: &Pipeline, ids: &[Uuid]) -> i64 {
-    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM orders WHERE order_id = ANY($1)")
-        .bind(ids)
-        .fetch_one(&p.orders_db)
-        .await
-        .expect("xmin")
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM order_items WHERE order_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_one(&p.orders_db)
+    .await
+    .expect("xmin")
 }
 
 fn uuid(order: &Order) -> Uuid {
