@@ -4,17 +4,15 @@
 //! whatever they did for the order; [`crate::deadline`] cancels the orders
 //! whose results never came.
 //!
-//! Two paths apply the events, with the same rules ([`crate::saga`]):
-//!
-//! - [`crate::saga_batch`], the normal one: a whole batch in a few
-//!   set-based statements (`EventHandler::apply_all`);
-//! - the per-record path here (`EventHandler::apply`), taken when a batch
-//!   fails: the consume loop rolls the batch back and replays it one record
-//!   per transaction, which isolates a bad record (an unknown order, an
-//!   invalid outcome) so that it alone is dead-lettered.
+//! [`crate::saga_batch`] applies the events with the rules of
+//! [`crate::saga`]: a whole batch in a few set-based statements
+//! (`EventHandler::apply_all`), and, when a batch fails and the consume loop
+//! replays it one record per transaction (`EventHandler::apply`), each
+//! record as a batch of one, which isolates a bad record (an unknown order,
+//! an invalid outcome) so that it alone is dead-lettered.
 
 use common::{
-    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as, parse_id},
+    consumer::{DecodeError, EventHandler, EventMeta, HandlerError, decode_as},
     outbox::{self, OutboxEvent},
 };
 use shop_proto::{EventName, events};
@@ -24,7 +22,8 @@ use uuid::Uuid;
 
 use crate::{
     domain::Outcome,
-    saga::{Decided, Report, SagaState, Side},
+    saga::{Report, SagaState, Side},
+    saga_batch::Path,
 };
 
 /// Events applied, by path: `set` ([`crate::saga_batch`]) or `record` (the
@@ -130,36 +129,15 @@ impl EventHandler for SagaHandler {
         }))
     }
 
-    /// The per-record path: the replay of a batch that failed.
+    /// The per-record path: the replay of a batch that failed, one record
+    /// per transaction, through the same code as a batch.
     async fn apply(
         &self,
         conn: &mut PgConnection,
         meta: &EventMeta,
         event: SagaEvent,
     ) -> Result<(), HandlerError> {
-        let (order_id, report) = event.into_report()?;
-        meta.span.record("order_id", order_id.as_str());
-        match report {
-            Report::Result(side, outcome) => {
-                self.record(conn, &order_id, side, outcome).await?;
-            }
-            Report::Compensated(Side::Payment) => {
-                mark_compensated(
-                    conn,
-                    &order_id,
-                    "UPDATE orders SET payment_status = 'REFUNDED', updated_at = now() WHERE order_id = $1",
-                ).await?;
-            }
-            Report::Compensated(Side::Inventory) => {
-                mark_compensated(
-                    conn,
-                    &order_id,
-                    "UPDATE orders SET inventory_status = 'RELEASED', updated_at = now() WHERE order_id = $1",
-                ).await?;
-            }
-        }
-        count_applied("record", 1);
-        Ok(())
+        crate::saga_batch::apply(conn, &self.orders_topic, vec![(meta, event)], Path::Record).await
     }
 
     /// The set-based path ([`crate::saga_batch`]).
@@ -171,7 +149,7 @@ impl EventHandler for SagaHandler {
         // A root span: the batch serves many traces; each record's own hop
         // is its `order status update` span.
         let span = tracing::info_span!(parent: None, "saga batch", events = events.len());
-        crate::saga_batch::apply(conn, &self.orders_topic, events)
+        crate::saga_batch::apply(conn, &self.orders_topic, events, Path::Set)
             .instrument(span)
             .await
     }
@@ -195,96 +173,6 @@ macro_rules! locked_columns {
     };
 }
 pub(crate) use locked_columns;
-
-impl SagaHandler {
-    /// Records one side's result (the first report wins) and, if the order
-    /// is still PENDING, applies the decision that follows.
-    async fn record(
-        &self,
-        conn: &mut PgConnection,
-        order_id: &str,
-        side: Side,
-        outcome: Outcome,
-    ) -> Result<(), HandlerError> {
-        let span = tracing::info_span!("order status update", order_id, side = ?side);
-        self.record_in_span(conn, order_id, side, outcome)
-            .instrument(span)
-            .await
-    }
-
-    async fn record_in_span(
-        &self,
-        conn: &mut PgConnection,
-        order_id: &str,
-        side: Side,
-        outcome: Outcome,
-    ) -> Result<(), HandlerError> {
-        let id = parse_id("order id", order_id)?;
-        let row: Option<LockedRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            locked_columns!(),
-            " FROM orders WHERE order_id = $1 FOR UPDATE"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(mut row) = row else {
-            return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
-        };
-        let step = row.state.apply(Report::Result(side, outcome));
-        if !step.changed {
-            return Ok(()); // the first report of a side wins
-        }
-        // Both sides from the locked row: the side not reported keeps its
-        // value.
-        sqlx::query(
-            "UPDATE orders SET payment_status = $2, payment_reason = $3,
-                               inventory_status = $4, inventory_reason = $5, updated_at = now()
-             WHERE order_id = $1",
-        )
-        .bind(id)
-        .bind(row.state.payment_status)
-        .bind(&row.state.payment_reason)
-        .bind(row.state.inventory_status)
-        .bind(&row.state.inventory_reason)
-        .execute(&mut *conn)
-        .await?;
-        // Recording a result moves `updated_at`, which watchers see.
-        crate::store::notify_changed(conn, &[id]).await?;
-        match step.decided {
-            None => Ok(()),
-            Some(Decided::Confirmed) => {
-                sqlx::query("UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE order_id = $1")
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
-                let out = confirmed_event(&self.orders_topic, id, &row.customer_id);
-                outbox::enqueue(conn, &[out]).await?;
-                // Counted when the consume loop's transaction commits.
-                common::metrics::orders_decided("CONFIRMED", 1);
-                Ok(())
-            }
-            Some(Decided::Cancelled(reason)) => {
-                cancel(conn, &self.orders_topic, &[(id, row.customer_id, reason)]).await?;
-                common::metrics::orders_decided("CANCELLED", 1);
-                Ok(())
-            }
-        }
-    }
-}
-
-async fn mark_compensated(
-    conn: &mut PgConnection,
-    order_id: &str,
-    update: &'static str,
-) -> Result<(), HandlerError> {
-    let id = parse_id("order id", order_id)?;
-    let done = sqlx::query(update).bind(id).execute(conn).await?;
-    if done.rows_affected() == 0 {
-        return Err(HandlerError::Permanent(format!("unknown order {order_id}")));
-    }
-    Ok(())
-}
 
 /// The `OrderConfirmed` event of an order, keyed by its customer.
 pub(crate) fn confirmed_event(
@@ -320,8 +208,8 @@ pub(crate) fn cancelled_event(
     OutboxEvent::new(orders_topic.to_owned(), customer_id, event_id, &event)
 }
 
-/// Cancels orders and enqueues their `OrderCancelled` events. Shared by
-/// the per-record path and the deadline sweeper.
+/// Cancels orders and enqueues their `OrderCancelled` events (the deadline
+/// sweeper's way; the saga cancels through its fold).
 pub(crate) async fn cancel(
     conn: &mut PgConnection,
     orders_topic: &str,

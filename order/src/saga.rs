@@ -1,12 +1,10 @@
 //! The order's saga rules as a pure state machine over one `orders` row.
 //!
-//! Both ways of applying the `payments` and `inventory` results go through
-//! [`SagaState::apply`]: the per-record path ([`crate::consumer`]'s
-//! `apply`, one locked row and a few statements per event) and the
-//! set-based path (`apply_all`: a whole batch folded in memory over the
-//! locked rows, then written back in a few statements). Keeping the rules
-//! here, free of I/O, is what makes the two paths agree by construction,
-//! and lets the fold be tested without a database.
+//! [`crate::saga_batch`] folds a batch of `payments` and `inventory` results
+//! over the locked rows with [`SagaState::apply`], then writes them back in
+//! a few statements; the per-record replay of a failed batch is the same
+//! fold over a batch of one. Keeping the rules here, free of I/O, lets them
+//! be tested without a database.
 
 use crate::domain::{Decision, InventoryStatus, Outcome, PaymentStatus, Status, decide};
 

@@ -12,17 +12,18 @@
 //! ```
 //!
 //! Round trips to PostgreSQL are what the pipeline spends its database CPU
-//! on, so this is the path every batch takes. The rules are the per-record
-//! path's, shared through [`crate::saga::SagaState::apply`], and so are the
-//! results: `updated_at` is `now()`, the transaction's start, on both paths;
-//! a side's first report wins; only a PENDING order is decided.
+//! on, so this is the path every batch takes. The per-record replay of a
+//! batch that failed runs the same code on a batch of one ([`Path::Record`]),
+//! so both apply the rules of [`crate::saga::SagaState::apply`] the same
+//! way: `updated_at` is `now()`, the transaction's start; a side's first
+//! report wins; only a PENDING order is decided.
 //!
 //! Rows are locked in key order, so two order replicas (one consuming a
 //! `payments` partition, another the matching `inventory` one) cannot
 //! deadlock on a pair of orders; the deadline sweeper skips locked rows.
 //! A bad record (unknown order, malformed id, invalid outcome) fails the
 //! whole batch here; the consume loop then rolls it back and replays it one
-//! record per transaction through the per-record path, which isolates and
+//! record per transaction (this code on a batch of one), which isolates and
 //! dead-letters that record alone.
 
 use std::collections::BTreeMap;
@@ -43,6 +44,16 @@ use crate::{
     saga::{Decided, Report, SagaState},
 };
 
+/// Which of the consume loop's paths is applying: a whole batch
+/// (`EventHandler::apply_all`), or one record of a batch that failed and is
+/// replayed record by record (`EventHandler::apply`). Counted apart
+/// (`shop_order_saga_events_total{path}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    Set,
+    Record,
+}
+
 /// One locked order while the batch is folded over it.
 struct Folding {
     customer_id: String,
@@ -56,6 +67,7 @@ pub(crate) async fn apply(
     conn: &mut PgConnection,
     orders_topic: &str,
     events: Vec<(&EventMeta, SagaEvent)>,
+    path: Path,
 ) -> Result<(), HandlerError> {
     let total = events.len();
     let mut reports = Vec::with_capacity(total);
@@ -96,8 +108,8 @@ pub(crate) async fn apply(
     let (mut confirmed, mut cancelled) = (0, 0);
     for (meta, id, report) in reports {
         let row = rows.get_mut(&id).expect("every order was locked above");
-        // The per-record path's span for a result, so that a trace shows
-        // the same hop whichever path applied it.
+        // One `order status update` hop per result in the order's trace,
+        // whichever path applied it.
         let span = match &report {
             Report::Result(side, _) => tracing::info_span!(
                 parent: &meta.span, "order status update", order_id = %id, side = ?side
@@ -136,6 +148,10 @@ pub(crate) async fn apply(
     }
     if cancelled > 0 {
         common::metrics::orders_decided("CANCELLED", cancelled);
+    }
+    if path == Path::Record {
+        count_applied("record", total);
+        return Ok(());
     }
     count_applied("set", total);
     common::metrics::count_on_commit(SAGA_BATCHES, Vec::new(), 1);
