@@ -20,6 +20,7 @@
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
 //! | [`ORDER_GROUP_SIZE`] | histogram | | order, `CreateOrder` requests per group-commit transaction |
 //! | [`ORDER_INTAKE_QUEUED`] | gauge | | order, `CreateOrder` requests waiting for a group-commit writer |
+//! | [`ORDER_INTAKE_STAGE_DURATION`] | histogram | `stage` (queue, write) | order, per request: waiting for a writer to take it; its group's transaction, connection wait included |
 //! | [`SET_BASED_RUNS`] | counter | `topic`, `side` (payment, inventory) | a run of `OrderCreated` a saga side applied in a few set-based statements ([`crate::saga`]) |
 //! | [`SET_BASED_EVENTS`] | counter | `topic`, `side` | the events of those runs; events / runs is the mean run size |
 //!
@@ -59,6 +60,7 @@ pub const CONSUMER_LAG: &str = "shop_consumer_lag";
 pub const DB_POOL_CONNECTIONS: &str = "shop_db_pool_connections";
 pub const ORDER_GROUP_SIZE: &str = "shop_order_group_size";
 pub const ORDER_INTAKE_QUEUED: &str = "shop_order_intake_queued";
+pub const ORDER_INTAKE_STAGE_DURATION: &str = "shop_order_intake_stage_duration_seconds";
 
 /// Group sizes: one request alone up to past the default group maximum.
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -152,6 +154,10 @@ fn describe() {
         ORDER_INTAKE_QUEUED,
         "CreateOrder requests waiting for a group-commit writer."
     );
+    describe_histogram!(
+        ORDER_INTAKE_STAGE_DURATION,
+        "Per CreateOrder: waiting for a group-commit writer (queue), its group's transaction (write)."
+    );
     describe_counter!(
         SET_BASED_RUNS,
         "Runs of OrderCreated events a saga side applied set-based, in one go."
@@ -212,6 +218,15 @@ pub fn order_group(size: usize) {
 pub fn order_intake_queued(n: usize) {
     #[allow(clippy::cast_precision_loss)] // at most INTAKE_QUEUE_MAX
     gauge!(ORDER_INTAKE_QUEUED).set(n as f64);
+}
+
+/// Where a `CreateOrder` spent `queued` (handed over until a writer ran
+/// with it) and `written` (its group's transaction, from asking the pool
+/// for a connection to the commit): the two parts of intake latency that
+/// group commit adds or saves.
+pub fn order_intake_stages(queued: Duration, written: Duration) {
+    histogram!(ORDER_INTAKE_STAGE_DURATION, "stage" => "queue").record(queued.as_secs_f64());
+    histogram!(ORDER_INTAKE_STAGE_DURATION, "stage" => "write").record(written.as_secs_f64());
 }
 
 /// `n` orders decided with `status` (`CONFIRMED` or `CANCELLED`). Inside

@@ -82,6 +82,74 @@ pub fn write_span(events: usize, event_type: &'static str) -> tracing::Span {
     )
 }
 
+/// The columns of outbox rows, one array each, for an `UNNEST` insert: used
+/// by [`enqueue`], and by writers that insert their events in the same
+/// statement as their state (see [`INSERT_UNNEST`]).
+#[derive(Debug)]
+pub struct Columns<'a> {
+    pub topics: Vec<&'a str>,
+    pub keys: Vec<&'a str>,
+    pub types: Vec<&'a str>,
+    pub ids: Vec<Uuid>,
+    pub payloads: Vec<&'a [u8]>,
+    pub traceparents: Vec<Option<&'a str>>,
+    pub tracestates: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    /// The rows of `events`, each with the trace context of its cause, or
+    /// else `trace`.
+    #[must_use]
+    pub fn of(events: impl IntoIterator<Item = &'a OutboxEvent>, trace: &'a Carrier) -> Self {
+        let mut c = Columns {
+            topics: Vec::new(),
+            keys: Vec::new(),
+            types: Vec::new(),
+            ids: Vec::new(),
+            payloads: Vec::new(),
+            traceparents: Vec::new(),
+            tracestates: Vec::new(),
+        };
+        for e in events {
+            let cause = e.cause.as_ref().unwrap_or(trace);
+            c.topics.push(&e.topic);
+            c.keys.push(&e.key);
+            c.types.push(e.event_type);
+            c.ids.push(e.event_id);
+            c.payloads.push(&e.payload);
+            c.traceparents.push(cause.traceparent());
+            c.tracestates.push(cause.tracestate());
+        }
+        c
+    }
+
+    /// Binds the seven arrays, in [`INSERT_UNNEST`]'s order.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.topics)
+            .bind(&self.keys)
+            .bind(&self.types)
+            .bind(&self.ids)
+            .bind(&self.payloads)
+            .bind(&self.traceparents)
+            .bind(&self.tracestates)
+    }
+}
+
+/// The outbox insert of [`Columns`] bound as `$1`..`$7`. `WITH ORDINALITY`
+/// keeps the given order in the bigserial ids.
+pub const INSERT_UNNEST: &str =
+    "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
+     SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                 $6::text[], $7::text[])
+          WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                               traceparent, tracestate, n)
+     ORDER BY n";
+
 /// Writes events into the outbox on the caller's transaction, in order,
 /// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or
 /// else of the current span (the request or the consumed record that caused
@@ -92,37 +160,12 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     }
     let span = write_span(events.len(), events[0].event_type);
     let trace = Carrier::of(&span);
-    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
-    let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
-    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
-    let causes: Vec<&Carrier> = events
-        .iter()
-        .map(|e| e.cause.as_ref().unwrap_or(&trace))
-        .collect();
-    let traceparents: Vec<Option<&str>> = causes.iter().map(|c| c.traceparent()).collect();
-    let tracestates: Vec<Option<&str>> = causes.iter().map(|c| c.tracestate()).collect();
-    // WITH ORDINALITY keeps the caller's order in the bigserial ids.
-    sqlx::query(
-        "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
-         SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
-                     $6::text[], $7::text[])
-              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
-                                   traceparent, tracestate, n)
-         ORDER BY n",
-    )
-    .bind(&topics)
-    .bind(&keys)
-    .bind(&types)
-    .bind(&ids)
-    .bind(&payloads)
-    .bind(&traceparents)
-    .bind(&tracestates)
-    .execute(conn)
-    .instrument(span)
-    .await?;
+    let columns = Columns::of(events, &trace);
+    columns
+        .bind(sqlx::query(INSERT_UNNEST))
+        .execute(conn)
+        .instrument(span)
+        .await?;
     Ok(())
 }
 

@@ -7,9 +7,10 @@
 //! priced order (and the trace context of their request) to a small pool of
 //! writers; a writer that is free takes every request queued at that moment
 //! (up to `INTAKE_GROUP_MAX`) and writes them as one group: one lookup of
-//! the group's idempotency keys, then one transaction of three multi-row
-//! statements (orders, items, outbox; see [`store::insert_orders`]), then
-//! it answers each caller with its own outcome.
+//! the group's idempotency keys, then one statement that writes the orders,
+//! their items and their events (one round trip, one transaction; see
+//! [`store::insert_orders`]), then it answers each caller with its own
+//! outcome.
 //!
 //! - **No artificial wait.** A request that finds a writer idle and nobody
 //!   queued is handed to it at once, as a group of one; groups grow only
@@ -104,6 +105,8 @@ type Outcome = Result<Order, OrderError>;
 /// A request waiting for a writer, or in a writer's group.
 struct Queued {
     ticket: u64,
+    /// When it was handed over or queued.
+    since: Instant,
     order: Pending,
     reply: oneshot::Sender<Outcome>,
 }
@@ -211,6 +214,7 @@ impl GroupCommit {
         state.next_ticket += 1;
         let mut item = Queued {
             ticket,
+            since: Instant::now(),
             order,
             reply,
         };
@@ -310,10 +314,15 @@ impl GroupCommit {
     /// Writes a group and answers its callers.
     async fn write(&self, group: Vec<Queued>) {
         common::metrics::order_group(group.len());
-        let (orders, replies): (Vec<Pending>, Vec<_>) =
-            group.into_iter().map(|q| (q.order, q.reply)).unzip();
+        let taken = Instant::now();
+        let (orders, answers): (Vec<Pending>, Vec<_>) = group
+            .into_iter()
+            .map(|q| (q.order, (q.reply, taken.saturating_duration_since(q.since))))
+            .unzip();
         let outcomes = self.write_group(&orders).await;
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let written = taken.elapsed();
+        for ((reply, queued), outcome) in answers.into_iter().zip(outcomes) {
+            common::metrics::order_intake_stages(queued, written);
             // A caller that has gone meanwhile learns nothing; its order stands.
             let _ = reply.send(outcome);
         }
@@ -396,7 +405,7 @@ impl GroupCommit {
             .map(|(o, _)| *o)
             .collect();
         if !inserts.is_empty() {
-            statements += 5; // BEGIN, orders, items, outbox, COMMIT
+            statements += 1; // orders, items and outbox in one statement
         }
         let mut written =
             store::insert_orders(&mut conn, &inserts, self.shared.order_deadline).await?;

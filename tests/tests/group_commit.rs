@@ -124,7 +124,7 @@ impl Held {
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE 'INSERT INTO orders%'",
+                   AND query LIKE '%INSERT INTO orders%'",
             )
             .fetch_one(&p.orders_db)
             .await
