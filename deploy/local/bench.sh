@@ -23,9 +23,10 @@ if ! grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null 2>&1; then
   "$REPO/deploy/local/up.sh"
 fi
 
-log "building bench-echo (release)"
-cargo build --release --quiet -p bench-echo
+log "building bench-echo and bench-load (release)"
+cargo build --release --quiet -p bench
 export BENCH_ECHO_BIN="$CARGO_TARGET_DIR/release/bench-echo"
+export BENCH_LOAD_BIN="$CARGO_TARGET_DIR/release/bench-load"
 
 # matplotlib for the chart, in a private virtualenv (first run only).
 venv="$SHOP_CACHE_DIR/bench-venv"
