@@ -20,6 +20,7 @@
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
 //! | [`ORDER_GROUP_SIZE`] | histogram | | order, `CreateOrder` requests per group-commit transaction |
 //! | [`ORDER_INTAKE_QUEUED`] | gauge | | order, `CreateOrder` requests waiting for a group-commit writer |
+//! | [`ORDERS_PENDING`] | gauge | | order, orders waiting to be decided (PENDING), read every 250 ms when `INTAKE_MAX_PENDING` is on |
 //! | [`ORDER_INTAKE_STAGE_DURATION`] | histogram | `stage` (queue, write) | order, per request: waiting for a writer to take it; its group's transaction, connection wait included |
 //! | [`SET_BASED_RUNS`] | counter | `topic`, `side` (payment, inventory) | a run of `OrderCreated` a saga side applied in a few set-based statements ([`crate::saga`]) |
 //! | [`SET_BASED_EVENTS`] | counter | `topic`, `side` | the events of those runs; events / runs is the mean run size |
@@ -60,6 +61,7 @@ pub const CONSUMER_LAG: &str = "shop_consumer_lag";
 pub const DB_POOL_CONNECTIONS: &str = "shop_db_pool_connections";
 pub const ORDER_GROUP_SIZE: &str = "shop_order_group_size";
 pub const ORDER_INTAKE_QUEUED: &str = "shop_order_intake_queued";
+pub const ORDERS_PENDING: &str = "shop_orders_pending";
 pub const ORDER_INTAKE_STAGE_DURATION: &str = "shop_order_intake_stage_duration_seconds";
 
 /// Group sizes: one request alone up to past the default group maximum.
@@ -154,6 +156,10 @@ fn describe() {
         ORDER_INTAKE_QUEUED,
         "CreateOrder requests waiting for a group-commit writer."
     );
+    describe_gauge!(
+        ORDERS_PENDING,
+        "Orders waiting to be decided (PENDING), as intake's backlog bound last read them."
+    );
     describe_histogram!(
         ORDER_INTAKE_STAGE_DURATION,
         "Per CreateOrder: waiting for a group-commit writer (queue), its group's transaction (write)."
@@ -218,6 +224,12 @@ pub fn order_group(size: usize) {
 pub fn order_intake_queued(n: usize) {
     #[allow(clippy::cast_precision_loss)] // at most INTAKE_QUEUE_MAX
     gauge!(ORDER_INTAKE_QUEUED).set(n as f64);
+}
+
+/// `n` orders wait to be decided (the backlog bound's last count).
+pub fn orders_pending(n: u64) {
+    #[allow(clippy::cast_precision_loss)] // far below 2^52
+    gauge!(ORDERS_PENDING).set(n as f64);
 }
 
 /// Where a `CreateOrder` spent `queued` (handed over until a writer ran

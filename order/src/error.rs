@@ -43,6 +43,10 @@ pub enum OrderError {
     /// already waiting: shed rather than queued.
     #[error("overloaded: no order writer free; retry after {}s", retry_after_secs(*.retry_after))]
     Overloaded { retry_after: Duration },
+    /// `INTAKE_MAX_PENDING` orders already wait for payment and stock: shed
+    /// until they are decided (see [`crate::backlog`]).
+    #[error("overloaded: {pending} orders are waiting to be decided; retry after {}s", retry_after_secs(*.retry_after))]
+    Backlogged { pending: u64, retry_after: Duration },
 }
 
 impl From<OrderError> for Status {
@@ -66,7 +70,7 @@ impl From<OrderError> for Status {
             | OrderError::TooManyInFlight { retry_after } => {
                 with_retry_after(Status::resource_exhausted(e.to_string()), retry_after)
             }
-            OrderError::Overloaded { retry_after } => {
+            OrderError::Overloaded { retry_after } | OrderError::Backlogged { retry_after, .. } => {
                 with_retry_after(Status::unavailable(e.to_string()), retry_after)
             }
         }

@@ -1,6 +1,7 @@
 //! Protection of intake: how many `CreateOrder` calls may run at once, how
-//! many per second one client may send, and how long a call may wait for a
-//! writer ([`crate::group_commit`]) before it is shed.
+//! many per second one client may send, how long a call may wait for a
+//! writer ([`crate::group_commit`]) before it is shed, and how many orders
+//! may wait to be decided ([`crate::backlog`]).
 //!
 //! The guard sits in [`crate::api::OrderApi::create`], not in a tower stack
 //! per server: the gRPC service and the REST shim share one code path, so
@@ -18,7 +19,7 @@ use std::{
 use common::config::{self, ConfigError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::OrderError;
+use crate::{backlog::Backlog, error::OrderError};
 
 /// The gRPC metadata key and HTTP header naming the client when it has no
 /// mTLS identity; without either the client is its peer IP address.
@@ -45,6 +46,10 @@ pub struct Limits {
     /// (see [`crate::group_commit`]) before it is shed with `UNAVAILABLE`;
     /// also how long a writer retries an unreachable database for it.
     pub queue_timeout: Duration,
+    /// `INTAKE_MAX_PENDING` (default 10000, 0 = off): orders waiting to be
+    /// decided (PENDING in the database) past which new ones are shed with
+    /// `UNAVAILABLE` (see [`crate::backlog`]).
+    pub max_pending: u64,
 }
 
 impl Default for Limits {
@@ -53,6 +58,7 @@ impl Default for Limits {
             max_in_flight: 0,
             rate_per_client: 0,
             queue_timeout: Duration::from_secs(5),
+            max_pending: 10_000,
         }
     }
 }
@@ -63,6 +69,7 @@ impl Limits {
             max_in_flight: config::var("INTAKE_MAX_IN_FLIGHT", 0)?,
             rate_per_client: config::var("INTAKE_RATE_LIMIT_PER_CLIENT", 0)?,
             queue_timeout: config::millis("INTAKE_QUEUE_TIMEOUT_MS", 5000)?,
+            max_pending: config::var("INTAKE_MAX_PENDING", 10_000)?,
         })
     }
 }
@@ -100,6 +107,7 @@ pub struct Guard {
     in_flight: Option<Arc<Semaphore>>,
     rate: Option<Arc<RateLimiter>>,
     queue_timeout: Duration,
+    backlog: Backlog,
 }
 
 /// Held while an admitted call runs; dropping it frees its in-flight slot.
@@ -117,6 +125,7 @@ impl Guard {
             rate: (limits.rate_per_client > 0)
                 .then(|| Arc::new(RateLimiter::new(limits.rate_per_client))),
             queue_timeout: limits.queue_timeout,
+            backlog: Backlog::new(limits.max_pending),
         }
     }
 
@@ -136,6 +145,19 @@ impl Guard {
             None => None,
         };
         Ok(Admitted { _permit: permit })
+    }
+
+    /// Admits one more order to the backlog of undecided ones, or sheds it
+    /// (see [`crate::backlog`]). Called once the request is known valid, so
+    /// that a bad request gets its own error whatever the backlog.
+    pub fn admit_pending(&self) -> Result<(), OrderError> {
+        self.backlog.admit()
+    }
+
+    /// The backlog bound, for the task that keeps its count.
+    #[must_use]
+    pub fn backlog(&self) -> Backlog {
+        self.backlog.clone()
     }
 
     /// How long to wait for a writer before shedding the call.

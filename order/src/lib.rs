@@ -9,7 +9,7 @@
 //!   or CANCELLED, a batch at a time in [`saga_batch`] by the rules of
 //!   [`saga`] (pure); [`deadline`] cancels orders whose results never came.
 //! - [`intake`]: the limits on `CreateOrder` (in flight, per client rate,
-//!   database queueing).
+//!   database queueing); [`backlog`] bounds the orders waiting to be decided.
 //! - [`group_commit`]: the writers that store concurrent new orders in one
 //!   transaction; [`idempotency`] decides each request's fate by its key.
 //! - [`watch`]: `WatchOrder` (gRPC stream and Server-Sent Events), fed by
@@ -17,6 +17,7 @@
 //! - [`build`]: wires it together on the skeleton of `common::service`.
 
 pub mod api;
+pub mod backlog;
 pub mod consumer;
 pub mod deadline;
 pub mod domain;
@@ -128,6 +129,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         intake: intake::Guard::new(&config.intake),
     };
     let watchers = api.watchers.clone();
+    let backlog = api.intake.backlog();
     // OrderApi answers UNAVAILABLE itself until ready, for gRPC and REST.
     let grpc_api = OrderServiceServer::new(grpc::OrderGrpc(api.clone()));
     service
@@ -165,6 +167,8 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         service.shutdown().clone(),
     );
     service.spawn("deadline sweeper", sweeper);
+    let counted = backlog.track(service.pool.clone(), service.shutdown().clone());
+    service.spawn("pending orders count", counted);
     let listener = watch::listen(
         watch::listener_pool(&service.pool),
         watchers,

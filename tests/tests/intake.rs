@@ -30,6 +30,7 @@ fn limits(max_in_flight: usize, rate_per_client: usize, queue_timeout: Duration)
             max_in_flight,
             rate_per_client: u32::try_from(rate_per_client).expect("rate"),
             queue_timeout,
+            ..Limits::default()
         }),
         ..Options::default()
     }
@@ -341,5 +342,90 @@ async fn saturated_pool_sheds_with_unavailable_instead_of_queueing() {
     }
     assert!(shed >= 15, "only {shed} of 20 calls were shed");
     assert_exactly_stored_and_decided(&p, accepted).await;
+    p.stop().await;
+}
+
+/// Past `INTAKE_MAX_PENDING` undecided orders, `CreateOrder` is shed with
+/// `UNAVAILABLE` and `retry-after` (gRPC) or 503 (REST), and nothing shed is
+/// stored; a bad request still gets its own error. Once the orders are
+/// decided (here: cancelled at their deadline, since inventory does not
+/// run), intake accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn intake_sheds_past_the_pending_bound_until_orders_are_decided() {
+    const MAX_PENDING: usize = 3;
+    let p = Pipeline::start_with(Options {
+        run_inventory: false,
+        order_deadline: Duration::from_secs(3),
+        intake: Some(Limits {
+            max_pending: MAX_PENDING as u64,
+            ..Limits::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let orders = p.orders().await;
+    let mut accepted = Vec::new();
+    for i in 0..MAX_PENDING {
+        let (result, _) = create(orders.clone(), String::new(), format!("P{i}")).await;
+        accepted.push(result.expect("below the pending bound"));
+    }
+    let (result, took) = create(orders.clone(), String::new(), "P-over".into()).await;
+    let status = result.expect_err("past the pending bound");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("waiting to be decided"),
+        "{status:?}"
+    );
+    assert_eq!(retry_after(&status), 1, "{status:?}");
+    assert!(took < FAST, "a rejection took {took:?}");
+    let response = reqwest::Client::new()
+        .post(p.rest_url("/api/v1/orders"))
+        .json(&serde_json::json!({"customer_id": "P-rest", "product_id": "PROD014", "quantity": 1}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .map(reqwest::header::HeaderValue::as_bytes),
+        Some(&b"1"[..])
+    );
+    let mut bad = orders.clone();
+    let status = bad
+        .create_order(order_request("P-bad", "PROD014", 0))
+        .await
+        .expect_err("quantity 0");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut sorted = accepted.clone();
+    sorted.sort();
+    assert_eq!(
+        stored_orders(&p).await,
+        sorted,
+        "only the admitted are stored"
+    );
+
+    // The deadline sweeper cancels them; the count follows within its
+    // refresh, and intake opens again once fewer than the bound wait.
+    let reopened = eventually("intake to accept once the orders are decided", || {
+        let orders = orders.clone();
+        async move {
+            let (result, _) = create(orders, String::new(), "P-after".into()).await;
+            result.ok()
+        }
+    })
+    .await;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE status = 'PENDING' AND order_id::text <> $1",
+    )
+    .bind(&reopened)
+    .fetch_one(&p.orders_db)
+    .await
+    .expect("count");
+    assert_eq!(
+        pending, 0,
+        "intake reopened only once the backlog was decided"
+    );
     p.stop().await;
 }
