@@ -111,7 +111,7 @@ def postgres_pid():
 
 
 def proc_stat(pid):
-    """(ppid, cpu seconds of the process and its reaped children) or None."""
+    """(ppid, cpu seconds of the process, cpu seconds of its reaped children) or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             raw = f.read()
@@ -119,8 +119,9 @@ def proc_stat(pid):
         return None
     fields = raw[raw.rindex(")") + 2:].split()
     # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
-    ticks = sum(int(v) for v in fields[11:15])
-    return int(fields[1]), ticks / TICK
+    own = sum(int(v) for v in fields[11:13])
+    reaped = sum(int(v) for v in fields[13:15])
+    return int(fields[1]), own / TICK, reaped / TICK
 
 
 def status_kib(pid, key):
@@ -135,7 +136,10 @@ def status_kib(pid, key):
 
 
 def tree_cpu(roots):
-    """CPU seconds of every process under `roots` (name -> pid), one /proc scan."""
+    """CPU seconds of every process under `roots` (name -> pid), one /proc scan: each live
+    process's own time plus that of its reaped children (exited PostgreSQL backends...). For
+    this process ("bench") only the live children count: its own time is the sampler's, and
+    its reaped children are added by the caller (getrusage), once."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -143,16 +147,20 @@ def tree_cpu(roots):
             if s:
                 stats[int(entry)] = s
     children = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
     out = {}
+    me = os.getpid()
     for name, root in roots.items():
         total, todo = 0.0, [root] if root in stats else []
         while todo:
             pid = todo.pop()
-            total += stats[pid][1]
+            if pid != me:
+                total += stats[pid][1] + stats[pid][2]
             todo.extend(children.get(pid, []))
         out[name] = total
+    if me in stats:
+        out["sampler"] = stats[me][1]
     return out
 
 
@@ -185,7 +193,8 @@ class Sampler(threading.Thread):
     def sample(self):
         cpu = tree_cpu(self.roots)
         # The load generators are this process's children: live ones by /proc, reaped ones
-        # by getrusage.
+        # by getrusage. This process's own time (the sampler, psql polls excepted) is kept
+        # apart as "sampler": it is the measurement, not the system or its load.
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu["generator"] = cpu.pop("bench", 0.0) + reaped.ru_utime + reaped.ru_stime
         order = scrape(METRICS["order"])
@@ -349,7 +358,8 @@ def window(sampler, t0, t1):
         "accepted_per_s": round((b["created"] - a["created"]) / secs, 1),
         "decided_per_s": round(decided / secs, 1),
         "cpu_seconds": cpu,
-        "cpu_us_per_decided": round(sum(cpu.values()) / decided * 1e6, 1) if decided else None,
+        "cpu_us_per_decided": round(sum(v for k, v in cpu.items() if k != "sampler")
+                                    / decided * 1e6, 1) if decided else None,
     }
 
 
