@@ -340,22 +340,23 @@ impl Relay {
         }
     }
 
-    /// One round: lock, read a batch, publish it all, await every delivery,
-    /// mark the batch published, commit. Returns how many were published.
+    /// One round: lock and read a batch, publish it all, await every
+    /// delivery, mark the batch published, commit: four round trips to the
+    /// database (`BEGIN`, the read, the mark, `COMMIT`). Returns how many
+    /// were published.
     async fn publish_batch(&self) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(0); // another replica's relay is publishing
-        }
+        // The lock and the read in one round trip: the uncorrelated
+        // subquery runs once, before the rows are read. No rows either
+        // means nothing is pending or that another replica's relay holds
+        // the lock and is publishing them.
         let rows: Vec<PendingRow> = sqlx::query_as(
             "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
              FROM outbox
-             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+             WHERE (SELECT pg_try_advisory_xact_lock($1)) AND published_at IS NULL
+             ORDER BY id LIMIT $2",
         )
+        .bind(RELAY_LOCK)
         .bind(self.batch_size)
         .fetch_all(&mut *tx)
         .await?;
@@ -384,16 +385,18 @@ impl Relay {
         drop(spans);
         // Marking rows published is the one write whose loss is harmless:
         // a lost mark republishes the batch, and consumers drop the
-        // duplicates. It need not wait for the WAL flush. (Set only when
-        // there is something to mark: empty polls pay no extra round trip.)
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+        // duplicates. It need not wait for the WAL flush: the statement
+        // turns synchronous_commit off for its own transaction
+        // (`set_config(…, true)` is `SET LOCAL`), in the same round trip.
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE outbox SET published_at = now()
+             WHERE id = ANY($1)
+               AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         crate::metrics::published(
             rows.iter()
