@@ -33,6 +33,7 @@ use common::{
     outbox::{self, OutboxEvent},
 };
 use sqlx::PgConnection;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -133,14 +134,12 @@ pub(crate) async fn apply(
         decisions.push(event.caused_by(&span));
     }
 
-    let written = write_back(conn, &rows).await?;
     let notified: Vec<Uuid> = rows
         .iter()
         .filter(|(_, r)| r.notify)
         .map(|(id, _)| *id)
         .collect();
-    crate::store::notify_changed(conn, &notified).await?;
-    outbox::enqueue(conn, &decisions).await?;
+    let written = write_all(conn, &rows, &notified, &decisions).await?;
 
     // Counted when the consume loop's transaction commits.
     if confirmed > 0 {
@@ -155,10 +154,7 @@ pub(crate) async fn apply(
     }
     count_applied("set", total);
     common::metrics::count_on_commit(SAGA_BATCHES, Vec::new(), 1);
-    let statements = 1
-        + usize::from(written > 0)
-        + usize::from(!notified.is_empty())
-        + usize::from(!decisions.is_empty());
+    let statements = 1 + usize::from(written > 0 || !notified.is_empty() || !decisions.is_empty());
     tracing::debug!(
         events = total,
         orders = ids.len(),
@@ -170,17 +166,22 @@ pub(crate) async fn apply(
     Ok(())
 }
 
-/// Writes every changed row in one statement; returns how many.
-async fn write_back(
+/// Writes every changed row, notifies the orders' watchers and enqueues
+/// the decisions, all in one statement (one round trip, whatever the
+/// batch's size); returns how many rows it wrote. The notifications go out
+/// when, and only if, the consume loop's transaction commits.
+async fn write_all(
     conn: &mut PgConnection,
     rows: &BTreeMap<Uuid, Folding>,
+    notified: &[Uuid],
+    decisions: &[OutboxEvent],
 ) -> sqlx::Result<usize> {
     let changed: Vec<(&Uuid, &SagaState)> = rows
         .iter()
         .filter(|(_, r)| r.changed)
         .map(|(id, r)| (id, &r.state))
         .collect();
-    if changed.is_empty() {
+    if changed.is_empty() && notified.is_empty() && decisions.is_empty() {
         return Ok(0);
     }
     let ids: Vec<Uuid> = changed.iter().map(|(id, _)| **id).collect();
@@ -202,25 +203,54 @@ async fn write_back(
         .iter()
         .map(|(_, s)| s.inventory_reason.as_str())
         .collect();
-    sqlx::query(
-        "UPDATE orders o SET status = u.status, reason = u.reason,
-                             payment_status = u.payment_status, payment_reason = u.payment_reason,
-                             inventory_status = u.inventory_status,
-                             inventory_reason = u.inventory_reason, updated_at = now()
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::text[], $7::text[])
-              AS u(order_id, status, reason, payment_status, payment_reason,
-                   inventory_status, inventory_reason)
-         WHERE o.order_id = u.order_id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&payments)
-    .bind(&payment_reasons)
-    .bind(&inventories)
-    .bind(&inventory_reasons)
-    .execute(conn)
-    .await?;
+    let span = outbox::write_span(
+        decisions.len(),
+        decisions.first().map_or("none", |e| e.event_type),
+    );
+    // Every decision has its record's context (caused_by): no default.
+    let no_cause = common::trace_context::Carrier::default();
+    let events = outbox::Columns::of(decisions, &no_cause);
+    // $1..$7 are the outbox's columns (outbox::Columns). A SELECT in WITH
+    // runs only when referenced: the final SELECT references the
+    // notifications; the UPDATE and the INSERT run regardless.
+    events
+        .bind(sqlx::query(
+            "WITH written AS (
+                 UPDATE orders o SET status = u.status, reason = u.reason,
+                                     payment_status = u.payment_status,
+                                     payment_reason = u.payment_reason,
+                                     inventory_status = u.inventory_status,
+                                     inventory_reason = u.inventory_reason, updated_at = now()
+                 FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[],
+                             $13::text[], $14::text[])
+                      AS u(order_id, status, reason, payment_status, payment_reason,
+                           inventory_status, inventory_reason)
+                 WHERE o.order_id = u.order_id
+             ), events AS (
+                 INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent,
+                                     tracestate)
+                 SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                             $6::text[], $7::text[])
+                      WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                                           traceparent, tracestate, n)
+                 ORDER BY n
+             ), notified AS (
+                 SELECT pg_notify($15, id::text) FROM UNNEST($16::uuid[]) AS id
+             )
+             SELECT count(*) FROM notified",
+        ))
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&payments)
+        .bind(&payment_reasons)
+        .bind(&inventories)
+        .bind(&inventory_reasons)
+        .bind(crate::watch::CHANNEL)
+        .bind(notified)
+        .execute(conn)
+        .instrument(span)
+        .await?;
     Ok(ids.len())
 }
