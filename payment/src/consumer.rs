@@ -206,23 +206,6 @@ impl OrderSide for Payments {
                     }
                 })
                 .collect();
-            let inserted = store::insert_payments(conn, &payments).await?;
-            statements += 1;
-            if usize::try_from(inserted) != Ok(payments.len()) {
-                // Another transaction recorded one of these orders while we
-                // decided: the decisions after it may rest on credit it did
-                // not take. Roll back; one record at a time sees its row.
-                return Err(HandlerError::Permanent(format!(
-                    "{} of {} orders were paid concurrently",
-                    payments.len() as u64 - inserted,
-                    payments.len()
-                )));
-            }
-            let changed = books.changed();
-            if !changed.is_empty() {
-                store::set_used_all(conn, &changed).await?;
-                statements += 1;
-            }
             let events: Vec<OutboxEvent> = decided
                 .iter()
                 .map(|(order, total, decision)| {
@@ -235,8 +218,18 @@ impl OrderSide for Payments {
                         .caused_by(&order.meta.span)
                 })
                 .collect();
-            outbox::enqueue(conn, &events).await?;
+            let inserted = store::write_run(conn, &payments, &books.changed(), &events).await?;
             statements += 1;
+            if usize::try_from(inserted) != Ok(payments.len()) {
+                // Another transaction recorded one of these orders while we
+                // decided: the decisions after it may rest on credit it did
+                // not take. Roll back; one record at a time sees its row.
+                return Err(HandlerError::Permanent(format!(
+                    "{} of {} orders were paid concurrently",
+                    payments.len() as u64 - inserted,
+                    payments.len()
+                )));
+            }
         }
         let topic = &orders[0].meta.topic;
         metrics::set_based_run(topic, "payment", orders.len() as u64);

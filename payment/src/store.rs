@@ -5,12 +5,17 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use common::time::to_timestamp;
+use common::{
+    outbox::{self, OutboxEvent},
+    time::to_timestamp,
+    trace_context::Carrier,
+};
 use shop_proto::{
     common::Money,
     payment::{Account, Payment, PaymentStatus},
 };
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -84,22 +89,6 @@ pub async fn lock_accounts(
         .into_iter()
         .map(|r| (r.customer_id, r.credit))
         .collect())
-}
-
-/// Sets the credit in use of several accounts in one statement (the caller
-/// holds their locks).
-pub async fn set_used_all(conn: &mut PgConnection, used: &[(&str, i64)]) -> sqlx::Result<()> {
-    let (customers, amounts): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
-    sqlx::query(
-        "UPDATE accounts a SET used_units = u.used, updated_at = now()
-         FROM UNNEST($1::text[], $2::bigint[]) AS u(customer_id, used)
-         WHERE a.customer_id = u.customer_id",
-    )
-    .bind(&customers)
-    .bind(&amounts)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The account, locked until the transaction ends.
@@ -262,32 +251,75 @@ pub async fn paid_orders(
     Ok(found.into_iter().collect())
 }
 
-/// Records several orders' payments in one statement, skipping orders that
-/// have one already; returns how many it wrote. Like [`insert_payment`], a
-/// concurrent writer of one of the orders makes this wait for its
-/// transaction.
-pub async fn insert_payments(conn: &mut PgConnection, new: &[NewPayment<'_>]) -> sqlx::Result<u64> {
+/// Writes a run's results in one statement (one round trip): the orders'
+/// payments, skipping orders that have one already, the credit in use of
+/// the accounts that changed (the caller holds their locks), and the
+/// events. Returns how many payments it wrote: fewer than given means
+/// another transaction recorded one of these orders meanwhile (it waited
+/// for that transaction, as [`insert_payment`] does), and the caller must
+/// roll back, since the other writes rest on decisions made without it.
+pub async fn write_run(
+    conn: &mut PgConnection,
+    new: &[NewPayment<'_>],
+    used: &[(&str, i64)],
+    events: &[OutboxEvent],
+) -> sqlx::Result<u64> {
     let ids: Vec<Uuid> = new.iter().map(|p| p.order_id).collect();
     let customers: Vec<&str> = new.iter().map(|p| p.customer_id).collect();
     let currencies: Vec<&str> = new.iter().map(|p| p.currency).collect();
     let amounts: Vec<i64> = new.iter().map(|p| p.amount).collect();
     let statuses: Vec<&str> = new.iter().map(|p| p.status.as_str()).collect();
     let reasons: Vec<&str> = new.iter().map(|p| p.reason).collect();
-    let done = sqlx::query(
-        "INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                              $6::text[])
-         ON CONFLICT (order_id) DO NOTHING",
+    let (accounts, used): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
+    let span = outbox::write_span(
+        events.len(),
+        events.first().map_or("none", |e| e.event_type),
+    );
+    let trace = Carrier::of(&span);
+    let columns = outbox::Columns::of(events, &trace);
+    // $1..$7 are the outbox's columns (outbox::Columns).
+    let written: i64 = sqlx::query_scalar(
+        "WITH paid AS (
+             INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
+             SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::bigint[],
+                                  $12::text[], $13::text[])
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING 1
+         ), credit AS (
+             UPDATE accounts a SET used_units = u.used, updated_at = now()
+             FROM UNNEST($14::text[], $15::bigint[]) AS u(customer_id, used)
+             WHERE a.customer_id = u.customer_id
+         ), events AS (
+             INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent,
+                                 tracestate)
+             SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                         $6::text[], $7::text[])
+                  WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                                       traceparent, tracestate, n)
+             ORDER BY n
+         )
+         SELECT count(*) FROM paid",
     )
+    .bind(&columns.topics)
+    .bind(&columns.keys)
+    .bind(&columns.types)
+    .bind(&columns.ids)
+    .bind(&columns.payloads)
+    .bind(&columns.traceparents)
+    .bind(&columns.tracestates)
     .bind(&ids)
     .bind(&customers)
     .bind(&currencies)
     .bind(&amounts)
     .bind(&statuses)
     .bind(&reasons)
-    .execute(conn)
+    .bind(&accounts)
+    .bind(&used)
+    .fetch_one(conn)
+    .instrument(span)
     .await?;
-    Ok(done.rows_affected())
+    Ok(u64::try_from(written).unwrap_or(0))
 }
 
 /// Marks a payment refunded (the caller holds the row's lock).
