@@ -142,16 +142,27 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The text of [`INSERT_UNNEST`], as a literal that `concat!` takes: a
+/// writer that inserts its events in the same statement as its state puts
+/// it in a `WITH` clause (`concat!("WITH … , events AS (",
+/// common::outbox_insert_unnest!(), ") SELECT …")`) and binds [`Columns`]
+/// first.
+#[macro_export]
+macro_rules! outbox_insert_unnest {
+    () => {
+        "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
+         SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
+                     $6::text[], $7::text[])
+              WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
+                                   traceparent, tracestate, n)
+         ORDER BY n"
+    };
+}
+
 /// The outbox insert of [`Columns`] bound as `$1`..`$7`. `WITH ORDINALITY`
 /// keeps the given order in the bigserial ids.
-pub const INSERT_UNNEST: &str =
-    "INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent, tracestate)
-     SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
-     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
-                 $6::text[], $7::text[])
-          WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
-                               traceparent, tracestate, n)
-     ORDER BY n";
+pub const INSERT_UNNEST: &str = outbox_insert_unnest!();
 
 /// Writes events into the outbox on the caller's transaction, in order,
 /// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or

@@ -214,7 +214,7 @@ async fn write_all(
     // runs only when referenced: the final SELECT references the
     // notifications; the UPDATE and the INSERT run regardless.
     events
-        .bind(sqlx::query(
+        .bind(sqlx::query(concat!(
             "WITH written AS (
                  UPDATE orders o SET status = u.status, reason = u.reason,
                                      payment_status = u.payment_status,
@@ -226,20 +226,13 @@ async fn write_all(
                       AS u(order_id, status, reason, payment_status, payment_reason,
                            inventory_status, inventory_reason)
                  WHERE o.order_id = u.order_id
-             ), events AS (
-                 INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent,
-                                     tracestate)
-                 SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
-                             $6::text[], $7::text[])
-                      WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
-                                           traceparent, tracestate, n)
-                 ORDER BY n
-             ), notified AS (
+             ), events AS (",
+            common::outbox_insert_unnest!(),
+            "), notified AS (
                  SELECT pg_notify($15, id::text) FROM UNNEST($16::uuid[]) AS id
              )
              SELECT count(*) FROM notified",
-        ))
+        )))
         .bind(&ids)
         .bind(&statuses)
         .bind(&reasons)

@@ -14,7 +14,7 @@ use shop_proto::{
     common::Money,
     payment::{Account, Payment, PaymentStatus},
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Row};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -278,7 +278,7 @@ pub async fn write_run(
     let trace = Carrier::of(&span);
     let columns = outbox::Columns::of(events, &trace);
     // $1..$7 are the outbox's columns (outbox::Columns).
-    let written: i64 = sqlx::query_scalar(
+    let query = columns.bind(sqlx::query(concat!(
         "WITH paid AS (
              INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
              SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::bigint[],
@@ -289,36 +289,24 @@ pub async fn write_run(
              UPDATE accounts a SET used_units = u.used, updated_at = now()
              FROM UNNEST($14::text[], $15::bigint[]) AS u(customer_id, used)
              WHERE a.customer_id = u.customer_id
-         ), events AS (
-             INSERT INTO outbox (topic, key, event_type, event_id, payload, traceparent,
-                                 tracestate)
-             SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::bytea[],
-                         $6::text[], $7::text[])
-                  WITH ORDINALITY AS e(topic, key, event_type, event_id, payload,
-                                       traceparent, tracestate, n)
-             ORDER BY n
-         )
+         ), events AS (",
+        common::outbox_insert_unnest!(),
+        ")
          SELECT count(*) FROM paid",
-    )
-    .bind(&columns.topics)
-    .bind(&columns.keys)
-    .bind(&columns.types)
-    .bind(&columns.ids)
-    .bind(&columns.payloads)
-    .bind(&columns.traceparents)
-    .bind(&columns.tracestates)
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&currencies)
-    .bind(&amounts)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&accounts)
-    .bind(&used)
-    .fetch_one(conn)
-    .instrument(span)
-    .await?;
+    )));
+    let written: i64 = query
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&currencies)
+        .bind(&amounts)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&accounts)
+        .bind(&used)
+        .fetch_one(conn)
+        .instrument(span)
+        .await?
+        .try_get(0)?;
     Ok(u64::try_from(written).unwrap_or(0))
 }
 
