@@ -73,7 +73,9 @@ impl OrderApi {
             .into());
         }
         let idempotency = (!key.is_empty()).then(|| (key.to_owned(), request_hash(&new)));
-        self.intake.admit_pending()?;
+        // Held until the write has ended, so that the backlog's count
+        // knows whether it could be in the database yet.
+        let _pending = self.intake.admit_pending()?;
         // The outbox row continues this request's trace, not the writer's:
         // its context is taken here, in the request's span.
         let span = outbox::write_span(1, events::OrderCreated::EVENT_TYPE);

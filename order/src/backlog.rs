@@ -14,16 +14,14 @@
 //!
 //! The count is of `PENDING` orders in the database, so it is the same
 //! whatever the number of order replicas and whoever decides them. A task
-//! reads it every [`REFRESH`] (one partial-index count); between two reads,
-//! the orders each replica admits are added to the last count, so one
-//! replica never overshoots by more than what other replicas admit in one
-//! interval.
+//! reads it every [`REFRESH`] (one partial-index count); the orders this
+//! replica admitted and had not finished writing when that count began are
+//! added to it (one written meanwhile may be in both: the estimate errs
+//! high until the next count, never low), so one replica never overshoots
+//! by more than what other replicas admit in one interval.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -41,15 +39,40 @@ pub const REFRESH: Duration = Duration::from_millis(250);
 #[derive(Clone, Debug)]
 pub struct Backlog {
     max: u64,
-    state: Arc<Counts>,
+    state: Arc<Mutex<Counts>>,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
-    /// PENDING orders at the last read.
-    counted: AtomicU64,
-    /// Orders this replica admitted since then.
-    admitted: AtomicU64,
+    /// PENDING orders at the last count.
+    counted: u64,
+    /// Orders this replica ever admitted.
+    admitted: u64,
+    /// Of those, the ones whose write had ended (committed or not).
+    finished: u64,
+    /// `finished` when the last count began: every order committed by then
+    /// is in `counted`.
+    finished_at_count: u64,
+}
+
+impl Counts {
+    fn estimate(&self) -> u64 {
+        self.counted + (self.admitted - self.finished_at_count)
+    }
+}
+
+/// An admitted order whose write has not ended; drop it when it has
+/// (whatever its outcome).
+#[derive(Debug)]
+#[must_use = "the order counts as being written until this is dropped"]
+pub struct Admission(Option<Backlog>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(backlog) = self.0.take() {
+            backlog.lock().finished += 1;
+        }
+    }
 }
 
 impl Backlog {
@@ -62,33 +85,47 @@ impl Backlog {
         }
     }
 
-    /// Admits one more order, or says how many are pending.
-    pub fn admit(&self) -> Result<(), OrderError> {
+    /// Admits one more order, or says how many are pending. Keep the
+    /// admission until the order's write has ended.
+    pub fn admit(&self) -> Result<Admission, OrderError> {
         if self.max == 0 {
-            return Ok(());
+            return Ok(Admission(None));
         }
-        let admitted = self.state.admitted.fetch_add(1, Ordering::Relaxed);
-        let pending = self.state.counted.load(Ordering::Relaxed) + admitted;
+        let mut counts = self.lock();
+        let pending = counts.estimate();
         if pending >= self.max {
-            self.state.admitted.fetch_sub(1, Ordering::Relaxed);
             return Err(OrderError::Backlogged {
                 pending,
                 retry_after: Duration::from_secs(1),
             });
         }
-        Ok(())
+        counts.admitted += 1;
+        Ok(Admission(Some(self.clone())))
     }
 
-    /// The orders pending at the last read plus those admitted since.
+    /// The orders pending at the last count plus those admitted since it
+    /// began.
     #[must_use]
     pub fn estimate(&self) -> u64 {
-        self.state.counted.load(Ordering::Relaxed) + self.state.admitted.load(Ordering::Relaxed)
+        self.lock().estimate()
     }
 
-    fn counted(&self, pending: u64) {
-        self.state.counted.store(pending, Ordering::Relaxed);
-        self.state.admitted.store(0, Ordering::Relaxed);
+    /// A count begins: returns the writes finished so far, to pass to
+    /// [`Self::counted`] with its result.
+    fn counting(&self) -> u64 {
+        self.lock().finished
+    }
+
+    fn counted(&self, pending: u64, finished_at_count: u64) {
+        let mut counts = self.lock();
+        counts.counted = pending;
+        counts.finished_at_count = finished_at_count;
+        drop(counts);
         common::metrics::orders_pending(pending);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reads the count every [`REFRESH`] until `stop`. A failed read keeps
@@ -104,12 +141,13 @@ impl Backlog {
             if stop.run_until_cancelled(tick.tick()).await.is_none() {
                 return Ok(());
             }
+            let began = self.counting();
             let count: sqlx::Result<i64> =
                 sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
                     .fetch_one(&pool)
                     .await;
             match count {
-                Ok(n) => self.counted(u64::try_from(n).unwrap_or(0)),
+                Ok(n) => self.counted(u64::try_from(n).unwrap_or(0), began),
                 Err(e) => tracing::debug!(error = %e, "counting pending orders failed"),
             }
         }
@@ -124,24 +162,44 @@ mod tests {
     fn admits_up_to_the_bound_then_until_the_next_count() {
         let backlog = Backlog::new(3);
         for _ in 0..3 {
-            backlog.admit().expect("below the bound");
+            drop(backlog.admit().expect("below the bound"));
         }
         assert!(matches!(
             backlog.admit(),
             Err(OrderError::Backlogged { pending: 3, .. })
         ));
         assert_eq!(backlog.estimate(), 3, "a refusal is not counted");
-        backlog.counted(1);
-        backlog.admit().expect("two were decided meanwhile");
-        backlog.admit().expect("room for one more");
+        let began = backlog.counting();
+        backlog.counted(1, began);
+        drop(backlog.admit().expect("two were decided meanwhile"));
+        drop(backlog.admit().expect("room for one more"));
         assert!(backlog.admit().is_err());
+    }
+
+    #[test]
+    fn an_order_being_written_when_a_count_begins_still_counts() {
+        let backlog = Backlog::new(3);
+        drop(backlog.admit().expect("first"));
+        drop(backlog.admit().expect("second"));
+        let third = backlog.admit().expect("third");
+        // The count begins while the third is being written, and its
+        // snapshot does not hold it yet.
+        let began = backlog.counting();
+        backlog.counted(2, began);
+        drop(third);
+        assert_eq!(backlog.estimate(), 3);
+        assert!(backlog.admit().is_err(), "the third must still count");
+        // The next count sees it committed.
+        let began = backlog.counting();
+        backlog.counted(3, began);
+        assert_eq!(backlog.estimate(), 3);
     }
 
     #[test]
     fn zero_admits_everything() {
         let backlog = Backlog::new(0);
         for _ in 0..10 {
-            backlog.admit().expect("no bound");
+            drop(backlog.admit().expect("no bound"));
         }
     }
 }

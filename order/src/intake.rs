@@ -150,7 +150,7 @@ impl Guard {
     /// Admits one more order to the backlog of undecided ones, or sheds it
     /// (see [`crate::backlog`]). Called once the request is known valid, so
     /// that a bad request gets its own error whatever the backlog.
-    pub fn admit_pending(&self) -> Result<(), OrderError> {
+    pub fn admit_pending(&self) -> Result<crate::backlog::Admission, OrderError> {
         self.backlog.admit()
     }
 

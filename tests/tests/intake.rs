@@ -355,7 +355,8 @@ async fn intake_sheds_past_the_pending_bound_until_orders_are_decided() {
     const MAX_PENDING: usize = 3;
     let p = Pipeline::start_with(Options {
         run_inventory: false,
-        order_deadline: Duration::from_secs(3),
+        // Long enough that none is cancelled before the bound is tested.
+        order_deadline: Duration::from_secs(10),
         intake: Some(Limits {
             max_pending: MAX_PENDING as u64,
             ..Limits::default()
@@ -366,8 +367,18 @@ async fn intake_sheds_past_the_pending_bound_until_orders_are_decided() {
     let orders = p.orders().await;
     let mut accepted = Vec::new();
     for i in 0..MAX_PENDING {
-        let (result, _) = create(orders.clone(), String::new(), format!("P{i}")).await;
-        accepted.push(result.expect("below the pending bound"));
+        // The estimate errs high until the next count (250 ms) when a count
+        // ran while an order was being written: below the bound a call is
+        // admitted, at once or after that count.
+        let id = eventually("an order below the pending bound", || {
+            let orders = orders.clone();
+            async move {
+                let (result, _) = create(orders, String::new(), format!("P{i}")).await;
+                result.ok()
+            }
+        })
+        .await;
+        accepted.push(id);
     }
     let (result, took) = create(orders.clone(), String::new(), "P-over".into()).await;
     let status = result.expect_err("past the pending bound");
@@ -423,9 +434,12 @@ async fn intake_sheds_past_the_pending_bound_until_orders_are_decided() {
     .fetch_one(&p.orders_db)
     .await
     .expect("count");
-    assert_eq!(
-        pending, 0,
-        "intake reopened only once the backlog was decided"
+    // Admission needs the last count plus what was admitted since to be
+    // below the bound, and pending orders only decrease here (nothing else
+    // is admitted), so fewer than the bound were pending when it reopened.
+    assert!(
+        usize::try_from(pending).expect("count") < MAX_PENDING,
+        "intake reopened with {pending} other orders still pending"
     );
     p.stop().await;
 }
