@@ -1,10 +1,9 @@
 //! `bench-load`: offers `CreateOrder` calls at a fixed arrival rate (open
 //! model) and reports what came back, as JSON on stdout.
 //!
-//! Why not only ghz: at a few thousand calls a second ghz spends more CPU
-//! per call (about 0.5 ms) than the pipeline it measures, on the same two
-//! cores, and falls behind its own schedule (asked for 5,000/s it offered
-//! about 1,770/s). This generator is a tonic client on a small runtime:
+//! Why not only ghz: on the two cores it shares with the pipeline, ghz
+//! spends about 0.3 ms of CPU per call and falls behind its own schedule
+//! (asked for 5,000/s it offered about 1,770/s). This generator is a tonic client on a small runtime:
 //! call `i` is due at `start + i / rate` whatever happened to the calls
 //! before it, and its latency is measured from when it was due, not from
 //! when it was sent, so a generator or a machine that falls behind shows up

@@ -12,8 +12,8 @@ Phases, in this order, each on its own customer prefix so that its orders can be
   target           bench-load --rate TARGET (open model) for TARGET_SECONDS
 
 bench-load (bench/src/load.rs) is the project's own open-model generator: ghz spends about
-0.5 ms of CPU per call on the two cores it shares with the pipeline and, asked for 5,000/s,
-offered about 1,770/s; bench-load spends about a quarter of that, keeps its schedule and
+0.3 ms of CPU per call on the two cores it shares with the pipeline and, asked for 5,000/s,
+offered about 1,770/s; bench-load spends 0.06-0.15 ms, keeps its schedule and
 measures each call's latency from when it was due (no coordinated omission).
 
 After each pipeline phase it waits (bounded) until the phase's orders are decided, then reads the
