@@ -164,6 +164,16 @@ macro_rules! outbox_insert_unnest {
 /// keeps the given order in the bigserial ids.
 pub const INSERT_UNNEST: &str = outbox_insert_unnest!();
 
+/// [`write_span`] for a write of `events`, named by the first one's type
+/// (`none` when there are none).
+#[must_use]
+pub fn write_span_of(events: &[OutboxEvent]) -> tracing::Span {
+    write_span(
+        events.len(),
+        events.first().map_or("none", |e| e.event_type),
+    )
+}
+
 /// Writes events into the outbox on the caller's transaction, in order,
 /// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or
 /// else of the current span (the request or the consumed record that caused
@@ -172,7 +182,7 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     if events.is_empty() {
         return Ok(());
     }
-    let span = write_span(events.len(), events[0].event_type);
+    let span = write_span_of(events);
     let trace = Carrier::of(&span);
     let columns = Columns::of(events, &trace);
     columns

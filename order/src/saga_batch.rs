@@ -203,13 +203,11 @@ async fn write_all(
         .iter()
         .map(|(_, s)| s.inventory_reason.as_str())
         .collect();
-    let span = outbox::write_span(
-        decisions.len(),
-        decisions.first().map_or("none", |e| e.event_type),
-    );
-    // Every decision has its record's context (caused_by): no default.
-    let no_cause = common::trace_context::Carrier::default();
-    let events = outbox::Columns::of(decisions, &no_cause);
+    let span = outbox::write_span_of(decisions);
+    // Every decision has its record's context (caused_by), so the write
+    // span's is a default that is never used; as in outbox::enqueue.
+    let trace = common::trace_context::Carrier::of(&span);
+    let events = outbox::Columns::of(decisions, &trace);
     // $1..$7 are the outbox's columns (outbox::Columns). A SELECT in WITH
     // runs only when referenced: the final SELECT references the
     // notifications; the UPDATE and the INSERT run regardless.

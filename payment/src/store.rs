@@ -271,10 +271,7 @@ pub async fn write_run(
     let statuses: Vec<&str> = new.iter().map(|p| p.status.as_str()).collect();
     let reasons: Vec<&str> = new.iter().map(|p| p.reason).collect();
     let (accounts, used): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
-    let span = outbox::write_span(
-        events.len(),
-        events.first().map_or("none", |e| e.event_type),
-    );
+    let span = outbox::write_span_of(events);
     let trace = Carrier::of(&span);
     let columns = outbox::Columns::of(events, &trace);
     // $1..$7 are the outbox's columns (outbox::Columns).
