@@ -84,6 +84,10 @@ fn echo(req: CreateOrderRequest) -> Order {
     }
 }
 
+/// The services' allocator, so that the ceiling is served the way order is.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: SocketAddr = std::env::args()
