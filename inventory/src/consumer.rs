@@ -15,7 +15,7 @@
 //! (available >= 0)` constraint backs that up.
 //!
 //! A batch's run of `OrderCreated` is applied set-based
-//! ([`OrderSide::created_all`]): six statements for the run instead of
+//! ([`OrderSide::created_all`]): three statements for the run instead of
 //! about six per order, the stock rows of all its products locked once in
 //! product order, each order decided in memory in event order against the
 //! stock the orders before it left ([`Shelf`]), and each product's row
@@ -125,12 +125,13 @@ impl OrderSide for Reservations {
         Ok(())
     }
 
-    /// The same as [`Reservations::created`] on each order in turn, in six
+    /// The same as [`Reservations::created`] on each order in turn, in three
     /// statements for the whole run: find the orders that have a
     /// reservation already, lock the stock rows of all the others' products
     /// once (in product order), then, after deciding every order in memory
-    /// in event order ([`Shelf`]), insert the reservations and their items,
-    /// move each product's net units once, and enqueue the results.
+    /// in event order ([`Shelf`]), write the reservations and their items,
+    /// each product's net units and the results in one statement
+    /// ([`store::write_run`]).
     async fn created_all(
         &self,
         conn: &mut PgConnection,
@@ -183,25 +184,7 @@ impl OrderSide for Reservations {
                     }
                 })
                 .collect();
-            if !store::insert_reservations(conn, &new).await? {
-                // Another transaction recorded one of these orders while we
-                // decided. Roll back; one record at a time sees its row.
-                return Err(HandlerError::Permanent(format!(
-                    "one of {} orders was reserved concurrently",
-                    new.len()
-                )));
-            }
             let taken = stock.taken();
-            if !taken.is_empty() {
-                let changed = store::take_units(conn, &taken).await?;
-                if usize::try_from(changed) != Ok(taken.len()) {
-                    // Cannot happen: every row was locked and found above.
-                    return Err(HandlerError::Permanent(format!(
-                        "reserved {changed} of {} stock rows",
-                        taken.len()
-                    )));
-                }
-            }
             let events: Vec<OutboxEvent> = decided
                 .iter()
                 .map(|(order, lines, decision)| {
@@ -214,11 +197,25 @@ impl OrderSide for Reservations {
                         .caused_by(&order.meta.span)
                 })
                 .collect();
-            outbox::enqueue(conn, &events).await?;
-            // lock, reservations, items (when any), stock (when any), outbox
-            statements += 3
-                + usize::from(new.iter().any(|r| !r.lines.is_empty()))
-                + usize::from(!taken.is_empty());
+            let written = store::write_run(conn, &new, &taken, &events).await?;
+            if usize::try_from(written.reservations) != Ok(new.len()) {
+                // Another transaction recorded one of these orders while we
+                // decided. Roll back; one record at a time sees its row.
+                return Err(HandlerError::Permanent(format!(
+                    "one of {} orders was reserved concurrently",
+                    new.len()
+                )));
+            }
+            if usize::try_from(written.stock_rows) != Ok(taken.len()) {
+                // Cannot happen: every row was locked and found above.
+                return Err(HandlerError::Permanent(format!(
+                    "reserved {} of {} stock rows",
+                    written.stock_rows,
+                    taken.len()
+                )));
+            }
+            // the lock, then the reservations, items, stock and events at once
+            statements += 2;
         }
         metrics::set_based_run(&orders[0].meta.topic, "inventory", orders.len() as u64);
         tracing::debug!(

@@ -6,9 +6,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use common::catalog;
+use common::{
+    catalog,
+    outbox::{self, OutboxEvent},
+    trace_context::Carrier,
+};
 use shop_proto::inventory::Stock;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Row};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{Line, Status};
@@ -164,14 +169,6 @@ pub async fn take_stock(conn: &mut PgConnection, lines: &[Line]) -> sqlx::Result
     move_stock(conn, lines, 1).await
 }
 
-/// Reserves the net units a run of orders took, once per product (one
-/// entry per product; the rows must be locked already). Returns how many
-/// rows changed.
-pub async fn take_units(conn: &mut PgConnection, taken: &[(&str, i64)]) -> sqlx::Result<u64> {
-    let (ids, units): (Vec<&str>, Vec<i64>) = taken.iter().copied().unzip();
-    move_units(conn, &ids, &units).await
-}
-
 /// available += q, reserved -= q for each line.
 pub async fn give_back_stock(conn: &mut PgConnection, lines: &[Line]) -> sqlx::Result<u64> {
     move_stock(conn, lines, -1).await
@@ -236,52 +233,89 @@ pub async fn reserved_orders(
     Ok(found.into_iter().collect())
 }
 
-/// Inserts several reservations and all their items, in two statements.
-/// Returns false, having written no items, when some order had a
-/// reservation already (a concurrent delivery got there first): the caller
-/// must then roll back, since the decisions after that order rest on stock
-/// it did not take.
-pub async fn insert_reservations(
+/// What [`write_run`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunWritten {
+    /// Reservations inserted.
+    pub reservations: u64,
+    /// Stock rows whose units moved.
+    pub stock_rows: u64,
+}
+
+/// Writes a run's results in one statement (one round trip): the
+/// reservations, skipping orders that have one already, the items of those
+/// inserted, the net units each product gave (`taken`: one entry per
+/// product, rows locked by the caller), and the events. Fewer reservations
+/// written than given means another transaction recorded one of these
+/// orders meanwhile (the insert waited for it); the caller must then roll
+/// back, since the decisions after that order rest on stock it did not
+/// take.
+pub async fn write_run(
     conn: &mut PgConnection,
     new: &[NewReservation<'_>],
-) -> sqlx::Result<bool> {
+    taken: &[(&str, i64)],
+    events: &[OutboxEvent],
+) -> sqlx::Result<RunWritten> {
     let ids: Vec<Uuid> = new.iter().map(|r| r.order_id).collect();
     let customers: Vec<&str> = new.iter().map(|r| r.customer_id).collect();
     let statuses: Vec<&str> = new.iter().map(|r| r.status.as_str()).collect();
     let reasons: Vec<&str> = new.iter().map(|r| r.reason).collect();
-    let inserted = sqlx::query(
-        "INSERT INTO reservations (order_id, customer_id, status, reason)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[])
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&statuses)
-    .bind(&reasons)
-    .execute(&mut *conn)
-    .await?;
-    if usize::try_from(inserted.rows_affected()) != Ok(new.len()) {
-        return Ok(false);
-    }
     let lines = || {
         new.iter()
             .flat_map(|r| r.lines.iter().map(move |l| (r.order_id, l)))
     };
     let item_orders: Vec<Uuid> = lines().map(|(order_id, _)| order_id).collect();
-    let products: Vec<&str> = lines().map(|(_, l)| l.product_id.as_str()).collect();
-    let quantities: Vec<i64> = lines().map(|(_, l)| i64::from(l.quantity)).collect();
-    if !item_orders.is_empty() {
-        sqlx::query(
-            "INSERT INTO reservation_items (order_id, product_id, quantity)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])",
-        )
+    let item_products: Vec<&str> = lines().map(|(_, l)| l.product_id.as_str()).collect();
+    let item_quantities: Vec<i64> = lines().map(|(_, l)| i64::from(l.quantity)).collect();
+    let (products, units): (Vec<&str>, Vec<i64>) = taken.iter().copied().unzip();
+    let span = outbox::write_span_of(events);
+    let trace = Carrier::of(&span);
+    let columns = outbox::Columns::of(events, &trace);
+    // $1..$7 are the outbox's columns (outbox::Columns).
+    let query = columns.bind(sqlx::query(concat!(
+        "WITH reserved AS (
+             INSERT INTO reservations (order_id, customer_id, status, reason)
+             SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::text[])
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING order_id
+         ), items AS (
+             INSERT INTO reservation_items (order_id, product_id, quantity)
+             SELECT * FROM UNNEST($12::uuid[], $13::text[], $14::bigint[])
+                      AS i(order_id, product_id, quantity)
+             WHERE i.order_id IN (SELECT order_id FROM reserved)
+         ), moved AS (
+             UPDATE stock s
+             SET available = s.available - t.quantity, reserved = s.reserved + t.quantity,
+                 updated_at = now()
+             FROM UNNEST($15::text[], $16::bigint[]) AS t(product_id, quantity)
+             WHERE s.product_id = t.product_id
+             RETURNING 1
+         ), events AS (",
+        common::outbox_insert_unnest!(),
+        ")
+         SELECT (SELECT count(*) FROM reserved), (SELECT count(*) FROM moved)",
+    )));
+    let row = query
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&statuses)
+        .bind(&reasons)
         .bind(&item_orders)
+        .bind(&item_products)
+        .bind(&item_quantities)
         .bind(&products)
-        .bind(&quantities)
-        .execute(conn)
+        .bind(&units)
+        .fetch_one(conn)
+        .instrument(span)
         .await?;
-    }
-    Ok(true)
+    let count = |i: usize| -> sqlx::Result<u64> {
+        let n: i64 = row.try_get(i)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    Ok(RunWritten {
+        reservations: count(0)?,
+        stock_rows: count(1)?,
+    })
 }
 
 /// A reservation as the consumer needs it.

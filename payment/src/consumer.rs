@@ -10,7 +10,7 @@
 //! `OrderCancelled` finds the payment already refunded.
 //!
 //! A batch's run of `OrderCreated` is applied set-based
-//! ([`OrderSide::created_all`]): six statements for the run instead of five
+//! ([`OrderSide::created_all`]): four statements for the run instead of five
 //! per order, the accounts locked once in customer order and each decision
 //! taken in memory in event order against the credit the orders before it
 //! left ([`Books`]). [`OrderSide::created`] is the per-record path the
@@ -147,12 +147,12 @@ impl OrderSide for Payments {
         Ok(())
     }
 
-    /// The same as [`Payments::created`] on each order in turn, in six
+    /// The same as [`Payments::created`] on each order in turn, in four
     /// statements for the whole run: create the missing accounts, lock the
     /// run's accounts (in customer order), find the orders that have a
     /// payment row already, then, after deciding every order in memory in
-    /// event order ([`Books`]), insert the payments, write each changed
-    /// account once, and enqueue the results.
+    /// event order ([`Books`]), write the payments, each changed account
+    /// once and the results in one statement ([`store::write_run`]).
     async fn created_all(
         &self,
         conn: &mut PgConnection,
