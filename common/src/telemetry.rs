@@ -17,7 +17,23 @@ use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracerProvider},
 };
-use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
+
+/// Spans that exist for traces only: the relay's one per published event,
+/// the outbox writes, the saga's status updates. No log line is written
+/// inside them, yet the log layer formats every span's fields into a string
+/// when the span is created; this keeps them from it (they are a few per
+/// order, each with up to ten fields). Log lines keep the spans around them
+/// (the request, the consumed record).
+const TRACE_ONLY_SPANS: [&str; 3] = ["publish", "outbox write", "order status update"];
+
+/// Whether the log layer sees `meta`: every event, and the spans that are
+/// not [`TRACE_ONLY_SPANS`].
+fn logged(meta: &tracing::Metadata<'_>) -> bool {
+    !meta.is_span() || !TRACE_ONLY_SPANS.contains(&meta.name())
+}
 
 /// Owns the trace pipeline; [`Telemetry::shutdown`] flushes it.
 #[must_use = "keep it until exit and call shutdown() to flush traces"]
@@ -95,7 +111,7 @@ pub fn init(service: &str) -> Telemetry {
     };
     let _ = tracing_subscriber::registry()
         .with(filter())
-        .with(logs)
+        .with(logs.with_filter(filter_fn(logged)))
         .with(otel)
         .try_init();
     if export_configured() {
@@ -114,7 +130,12 @@ pub fn init_for_tests() {
         .build();
     let _ = tracing_subscriber::registry()
         .with(filter())
-        .with(fmt::layer().with_test_writer().with_ansi(false))
+        .with(
+            fmt::layer()
+                .with_test_writer()
+                .with_ansi(false)
+                .with_filter(filter_fn(logged)),
+        )
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
         .try_init();
 }
