@@ -23,6 +23,9 @@
 //!   the columns equal the other sides' statuses), money and stock are
 //!   conserved (stock against inventory's ledger of adjustments: the seed
 //!   and every `SetStock`).
+//! - every item has its parent row (an order's items their order, a
+//!   reservation's items their reservation): the writers guarantee it, no
+//!   foreign key does (BENCHMARKS.md says what the keys cost).
 //!
 //! Outbox rows are pruned after `OUTBOX_RETENTION_SECS`, so the outbox
 //! check covers the rows still there; the state ⇒ event checks read the
@@ -328,6 +331,10 @@ struct State {
     confirmed_quantities: Vec<ConfirmedQuantity>,
     stock: Vec<StockRow>,
     delivery: Vec<Delivery>,
+    /// Orders named by `order_items` rows but absent from `orders`.
+    orphan_order_items: Vec<Uuid>,
+    /// Orders named by `reservation_items` rows but absent from `reservations`.
+    orphan_reservation_items: Vec<Uuid>,
 }
 
 impl State {
@@ -370,6 +377,18 @@ impl State {
                 Delivery::load("inventory", &src.inventory).await?,
                 Delivery::load("order", &src.orders).await?,
             ],
+            orphan_order_items: sqlx::query_scalar(
+                "SELECT DISTINCT i.order_id FROM order_items i
+                 WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = i.order_id)",
+            )
+            .fetch_all(&src.orders)
+            .await?,
+            orphan_reservation_items: sqlx::query_scalar(
+                "SELECT DISTINCT i.order_id FROM reservation_items i
+                 WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.order_id = i.order_id)",
+            )
+            .fetch_all(&src.inventory)
+            .await?,
         })
     }
 }
@@ -396,6 +415,7 @@ pub async fn check(src: &Sources) -> anyhow::Result<Report> {
     orders_and_money(&state, &mut r);
     sides_agree(&state, &mut r);
     stock(&state, &mut r);
+    items_have_parents(&state, &mut r);
     outboxes_published(&state, &published, &mut r);
     state_implies_events(&state, &published, &mut r);
     no_event_twice(&published, &mut r);
@@ -584,6 +604,26 @@ fn stock(s: &State, r: &mut Report) {
                 row.reserved
             ));
         }
+    }
+}
+
+/// Every item row has its parent row (no foreign key enforces it).
+fn items_have_parents(s: &State, r: &mut Report) {
+    for (what, ids) in [
+        (
+            "orders with order_items but no order row",
+            &s.orphan_order_items,
+        ),
+        (
+            "orders with reservation_items but no reservation",
+            &s.orphan_reservation_items,
+        ),
+    ] {
+        push_grouped(
+            &mut r.violations,
+            what,
+            ids.iter().map(ToString::to_string).collect(),
+        );
     }
 }
 

@@ -558,6 +558,56 @@ async fn assert_clean(sources: &Sources) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_finds_items_without_their_order_or_reservation() {
+    // No foreign key keeps items with their parents (the writers do): the
+    // checker is what would see one that lost it.
+    let run = settled_run().await;
+    let src = &run.sources;
+
+    let orphan = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price_units)
+         VALUES ($1, 1, 'PROD001', 1, 100)",
+    )
+    .bind(orphan)
+    .execute(&src.orders)
+    .await
+    .unwrap();
+    let (violation, _) = one_violation(src).await;
+    assert!(
+        violation.contains("order_items but no order row")
+            && violation.contains(&orphan.to_string()),
+        "{violation}"
+    );
+    sqlx::query("DELETE FROM order_items WHERE order_id = $1")
+        .bind(orphan)
+        .execute(&src.orders)
+        .await
+        .unwrap();
+    assert_clean(src).await;
+
+    sqlx::query(
+        "INSERT INTO reservation_items (order_id, product_id, quantity) VALUES ($1, 'PROD001', 1)",
+    )
+    .bind(orphan)
+    .execute(&src.inventory)
+    .await
+    .unwrap();
+    let (violation, _) = one_violation(src).await;
+    assert!(
+        violation.contains("reservation_items but no reservation")
+            && violation.contains(&orphan.to_string()),
+        "{violation}"
+    );
+    sqlx::query("DELETE FROM reservation_items WHERE order_id = $1")
+        .bind(orphan)
+        .execute(&src.inventory)
+        .await
+        .unwrap();
+    assert_clean(src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invariant_checker_finds_outbox_rows_that_never_reached_a_topic() {
     let run = settled_run().await;
     let src = &run.sources;
