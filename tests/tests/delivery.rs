@@ -565,46 +565,29 @@ async fn invariant_checker_finds_items_without_their_order_or_reservation() {
     let src = &run.sources;
 
     let orphan = uuid::Uuid::now_v7();
-    sqlx::query(
+    let orders = (
+        &src.orders,
+        "DELETE FROM order_items WHERE order_id = $1",
         "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price_units)
          VALUES ($1, 1, 'PROD001', 1, 100)",
-    )
-    .bind(orphan)
-    .execute(&src.orders)
-    .await
-    .unwrap();
-    let (violation, _) = one_violation(src).await;
-    assert!(
-        violation.contains("order_items but no order row")
-            && violation.contains(&orphan.to_string()),
-        "{violation}"
+        "order_items but no order row",
     );
-    sqlx::query("DELETE FROM order_items WHERE order_id = $1")
-        .bind(orphan)
-        .execute(&src.orders)
-        .await
-        .unwrap();
-    assert_clean(src).await;
-
-    sqlx::query(
+    let inventory = (
+        &src.inventory,
+        "DELETE FROM reservation_items WHERE order_id = $1",
         "INSERT INTO reservation_items (order_id, product_id, quantity) VALUES ($1, 'PROD001', 1)",
-    )
-    .bind(orphan)
-    .execute(&src.inventory)
-    .await
-    .unwrap();
-    let (violation, _) = one_violation(src).await;
-    assert!(
-        violation.contains("reservation_items but no reservation")
-            && violation.contains(&orphan.to_string()),
-        "{violation}"
+        "reservation_items but no reservation",
     );
-    sqlx::query("DELETE FROM reservation_items WHERE order_id = $1")
-        .bind(orphan)
-        .execute(&src.inventory)
-        .await
-        .unwrap();
-    assert_clean(src).await;
+    for (db, delete, insert, expected) in [orders, inventory] {
+        sqlx::query(insert).bind(orphan).execute(db).await.unwrap();
+        let (violation, _) = one_violation(src).await;
+        assert!(
+            violation.contains(expected) && violation.contains(&orphan.to_string()),
+            "{violation}"
+        );
+        sqlx::query(delete).bind(orphan).execute(db).await.unwrap();
+        assert_clean(src).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
