@@ -139,17 +139,12 @@ struct Available {
 }
 
 /// Moves `lines` from available to reserved (`sign` 1) or back (`sign`
-/// -1) in one statement; the rows must be locked already. Returns how many
-/// rows changed.
+/// -1) in one statement; the rows must be locked already and each product
+/// must appear once. Returns how many rows changed. (A run's net units move
+/// in [`write_run`]'s statement.)
 async fn move_stock(conn: &mut PgConnection, lines: &[Line], sign: i64) -> sqlx::Result<u64> {
     let ids: Vec<&str> = lines.iter().map(|l| l.product_id.as_str()).collect();
     let quantities: Vec<i64> = lines.iter().map(|l| sign * i64::from(l.quantity)).collect();
-    move_units(conn, &ids, &quantities).await
-}
-
-/// available -= units, reserved += units for each product (negative units
-/// move back), in one statement; each product must appear once.
-async fn move_units(conn: &mut PgConnection, ids: &[&str], units: &[i64]) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE stock s
          SET available = s.available - r.quantity, reserved = s.reserved + r.quantity,
@@ -157,8 +152,8 @@ async fn move_units(conn: &mut PgConnection, ids: &[&str], units: &[i64]) -> sql
          FROM UNNEST($1::text[], $2::bigint[]) AS r(product_id, quantity)
          WHERE s.product_id = r.product_id",
     )
-    .bind(ids)
-    .bind(units)
+    .bind(&ids)
+    .bind(&quantities)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
