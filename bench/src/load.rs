@@ -3,12 +3,13 @@
 //!
 //! Why not only ghz: on the two cores it shares with the pipeline, ghz
 //! spends about 0.3 ms of CPU per call and falls behind its own schedule
-//! (asked for 5,000/s it offered about 1,770/s). This generator is a tonic client on a small runtime:
-//! call `i` is due at `start + i / rate` whatever happened to the calls
-//! before it, and its latency is measured from when it was due, not from
-//! when it was sent, so a generator or a machine that falls behind shows up
-//! in the figures instead of hiding (no coordinated omission). Calls due
-//! while `--max-in-flight` are pending are not sent and are counted as
+//! (asked for 5,000/s it offered about 1,770/s). This generator is a
+//! tonic client on a small runtime: call `i` is due at
+//! `start + i / rate` whatever happened to the calls before it, and its
+//! latency is measured from when it was due, not from when it was sent,
+//! so a generator or a machine that falls behind shows up in the figures
+//! instead of hiding (no coordinated omission). Calls due while
+//! `--max-in-flight` are pending are not sent and are counted as
 //! `dropped` (k6 names them the same way).
 //!
 //! Customer ids are `RUN-<n>`, so the benchmark finds the run's orders in
