@@ -95,7 +95,7 @@ fn provider(service: &str) -> SdkTracerProvider {
 pub fn init(service: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = provider(service);
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"));
+    let otel = otel_layer(provider.tracer("shop"), export_configured());
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let logs = if json {
         fmt::layer()
@@ -136,8 +136,34 @@ pub fn init_for_tests() {
                 .with_ansi(false)
                 .with_filter(filter_fn(logged)),
         )
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+        .with(otel_layer(provider.tracer("test"), false))
         .try_init();
+}
+
+/// The layer that turns `tracing` spans into OpenTelemetry spans.
+///
+/// Without export, spans exist only for their ids (trace context across
+/// Kafka, trace ids in log lines) and are sampled out when they start, yet
+/// the layer's defaults still give every span source-location, thread and
+/// target attributes (a `thread.name` string allocated per span) and time
+/// every enter and exit for busy/idle attributes, all dropped unread. They
+/// are kept only when spans are exported. Context activation is off: the
+/// code takes a span's context from the span (`OpenTelemetrySpanExt`), never
+/// from `opentelemetry::Context::current()`.
+fn otel_layer<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    exported: bool,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_context_activation(false)
+        .with_location(exported)
+        .with_threads(exported)
+        .with_target(exported)
+        .with_tracked_inactivity(exported)
 }
 
 /// `RUST_LOG`, or info with the chattiest dependencies at warn.
