@@ -23,6 +23,11 @@ if ! grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null 2>&1; then
   "$REPO/deploy/local/up.sh"
 fi
 
+# Topics that earlier test runs left on this broker (t<id>.*; `cargo test` run directly leaves
+# them) cost the broker CPU while idle: with ~2,000 of them it used 13 % of a core at rest
+# against 4 % without (BENCHMARKS.md). Never run the tests and the benchmark at once.
+"$REPO/deploy/local/kafka.sh" delete-test-topics
+
 log "building bench-echo and bench-load (release)"
 cargo build --release --quiet -p bench
 export BENCH_ECHO_BIN="$CARGO_TARGET_DIR/release/bench-echo"
