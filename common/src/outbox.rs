@@ -78,7 +78,7 @@ impl OutboxEvent {
 #[must_use]
 pub fn write_span(events: usize, event_type: &'static str) -> tracing::Span {
     tracing::info_span!(
-        "outbox write",
+        crate::telemetry::trace_only::OUTBOX_WRITE,
         otel.kind = "internal",
         events = events,
         event_type = event_type,
@@ -240,7 +240,7 @@ struct PendingRow {
 /// (OpenTelemetry messaging conventions).
 fn publish_span(row: &PendingRow) -> tracing::Span {
     let span = tracing::info_span!(
-        "publish",
+        crate::telemetry::trace_only::PUBLISH,
         otel.name = %format_args!("send {}", row.topic),
         otel.kind = "producer",
         messaging.system = "kafka",

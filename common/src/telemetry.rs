@@ -21,13 +21,25 @@ use tracing_subscriber::{
     EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-/// Spans that exist for traces only: the relay's one per published event,
-/// the outbox writes, the saga's status updates. No log line is written
-/// inside them, yet the log layer formats every span's fields into a string
-/// when the span is created; this keeps them from it (they are a few per
-/// order, each with up to ten fields). Log lines keep the spans around them
-/// (the request, the consumed record).
-const TRACE_ONLY_SPANS: [&str; 3] = ["publish", "outbox write", "order status update"];
+/// Names of the spans that exist for traces only: the relay's one per
+/// published event, the outbox writes, the saga's status updates. No log
+/// line is written inside them, yet the log layer formats every span's
+/// fields into a string when the span is created; [`logged`] keeps them
+/// from it (they are a few per order, each with up to ten fields). Log lines
+/// keep the spans around them (the request, the consumed record). The span
+/// sites name their spans with these constants, so that a renamed span
+/// cannot slip past the filter.
+pub mod trace_only {
+    pub const PUBLISH: &str = "publish";
+    pub const OUTBOX_WRITE: &str = "outbox write";
+    pub const ORDER_STATUS_UPDATE: &str = "order status update";
+}
+
+const TRACE_ONLY_SPANS: [&str; 3] = [
+    trace_only::PUBLISH,
+    trace_only::OUTBOX_WRITE,
+    trace_only::ORDER_STATUS_UPDATE,
+];
 
 /// Whether the log layer sees `meta`: every event, and the spans that are
 /// not [`TRACE_ONLY_SPANS`].

@@ -113,7 +113,10 @@ pub(crate) async fn apply(
         // whichever path applied it.
         let span = match &report {
             Report::Result(side, _) => tracing::info_span!(
-                parent: &meta.span, "order status update", order_id = %id, side = ?side
+                parent: &meta.span,
+                common::telemetry::trace_only::ORDER_STATUS_UPDATE,
+                order_id = %id,
+                side = ?side
             ),
             Report::Compensated(_) => tracing::Span::none(),
         };
