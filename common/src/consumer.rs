@@ -268,6 +268,15 @@ pub fn subscribe(
         // broker's default minimum session timeout.
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1500")
+        // Also the rebalance timeout: how long a join waits for members that
+        // do not rejoin. After a broker crash Kafka 4.1 sometimes reloads a
+        // group while its members rejoin under new ids, and the old ids never
+        // expire: the join waited out librdkafka's default 300 s with the
+        // group's partitions unassigned (BENCHMARKS.md, fault suite). The
+        // price: a batch retried against an unreachable database for longer
+        // than this leaves the group and rejoins (its records are redelivered
+        // and dropped as duplicates).
+        .set("max.poll.interval.ms", "30000")
         // Bounded prefetch (librdkafka's default queues up to 64 MiB per
         // consumer): a batch is at most CONSUMER_BATCH_SIZE records anyway.
         .set("queued.max.messages.kbytes", "8192")
