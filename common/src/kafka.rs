@@ -69,7 +69,14 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "none")
-        .set("message.timeout.ms", "60000")
+        // A batch not acknowledged within 15 s fails the relay's round, and the
+        // next round sends the rows again (consumers drop the duplicates). A
+        // produce request waits at most the socket timeout for its answer:
+        // after a broker restart the fault suite saw one sent as the broker went
+        // down wait out librdkafka's default 60 s, with the pipeline standing
+        // still for that minute although the broker was back.
+        .set("message.timeout.ms", "15000")
+        .set("socket.timeout.ms", "10000")
         .create()?)
 }
 
