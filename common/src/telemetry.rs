@@ -76,16 +76,17 @@ fn export_configured() -> bool {
     .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
 }
 
-/// The tracer provider for `service`: exporting when configured, otherwise
-/// id-only (see module docs).
-fn provider(service: &str) -> SdkTracerProvider {
+/// The tracer provider for `service`, and whether it exports: it does when
+/// configured and the exporter could be built, otherwise it is id-only (see
+/// module docs).
+fn provider(service: &str) -> (SdkTracerProvider, bool) {
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_owned());
     }
     let builder = SdkTracerProvider::builder().with_resource(resource.build());
     if !export_configured() {
-        return builder.with_sampler(Sampler::AlwaysOff).build();
+        return (builder.with_sampler(Sampler::AlwaysOff).build(), false);
     }
     match opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
@@ -93,10 +94,10 @@ fn provider(service: &str) -> SdkTracerProvider {
     {
         // The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based
         // always-on).
-        Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), true),
         Err(e) => {
             eprintln!("trace export disabled: cannot build the OTLP exporter: {e}");
-            builder.with_sampler(Sampler::AlwaysOff).build()
+            (builder.with_sampler(Sampler::AlwaysOff).build(), false)
         }
     }
 }
@@ -106,8 +107,8 @@ fn provider(service: &str) -> SdkTracerProvider {
 /// the start of `main`, inside the (multi-thread) Tokio runtime.
 pub fn init(service: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = provider(service);
-    let otel = otel_layer(provider.tracer("shop"), export_configured());
+    let (provider, exported) = provider(service);
+    let otel = otel_layer(provider.tracer("shop"), exported);
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let logs = if json {
         fmt::layer()
@@ -126,7 +127,7 @@ pub fn init(service: &str) -> Telemetry {
         .with(logs.with_filter(filter_fn(logged)))
         .with(otel)
         .try_init();
-    if export_configured() {
+    if exported {
         tracing::info!("exporting traces over OTLP");
     }
     Telemetry { provider }
