@@ -157,7 +157,9 @@ async fn one_order_is_one_trace_across_all_three_services() {
     let payments_send = format!("payment:send t{id}.payments");
     let inventory_send = format!("inventory:send t{id}.inventory");
     // Every span of the order's trace, once order has exported its status
-    // update (the last hop).
+    // updates (the last hops) and payment and inventory their sends, which
+    // end at the broker's ack, after their process spans, and may reach the
+    // receiver after order's status updates.
     let spans = eventually("the order's spans from all three services", || async {
         let spans: Vec<Received> = receiver
             .0
@@ -177,7 +179,9 @@ async fn one_order_is_one_trace_across_all_three_services() {
         // One status update per side's result, in whichever order they came.
         (count("order", "order status update") >= 2
             && has("payment", &orders_process)
-            && has("inventory", &orders_process))
+            && has("inventory", &orders_process)
+            && has("payment", &format!("send t{id}.payments"))
+            && has("inventory", &format!("send t{id}.inventory")))
         .then_some(spans)
     })
     .await;
