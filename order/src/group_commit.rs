@@ -15,8 +15,9 @@
 //! - **No artificial wait.** A request that finds a writer idle and nobody
 //!   queued is handed to it at once, as a group of one; groups grow only
 //!   while every writer is busy, which is exactly when sharing pays.
-//!   Several writers (`INTAKE_WRITERS`) let one group's commit (its fsync)
-//!   overlap the next group's statements.
+//!   Several writers (`INTAKE_WRITERS`, default 1) let one group's commit
+//!   (its fsync) overlap the next group's statements, at the price of
+//!   smaller groups.
 //! - **Durable before acknowledged.** A caller is answered after its
 //!   group's `COMMIT` returned (`synchronous_commit` stays on).
 //! - **Per-request outcomes.** Validation and pricing happen before the
@@ -68,7 +69,11 @@ use crate::{
 /// How group commit runs (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// `INTAKE_WRITERS` (default 2, at least 1): groups written at once.
+    /// `INTAKE_WRITERS` (default 1, at least 1): groups written at once.
+    /// One writer makes the largest groups, hence the fewest statements:
+    /// PostgreSQL's CPU per order fell 12-16 % against two (BENCHMARKS.md).
+    /// More pay where a commit's WAL flush is slow (network disks): one
+    /// group's flush then overlaps the next group's statements.
     pub writers: usize,
     /// `INTAKE_GROUP_MAX` (default 256, at least 1): most requests in one
     /// group (one transaction).
@@ -81,7 +86,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            writers: 2,
+            writers: 1,
             group_max: 256,
             queue_max: 1024,
         }
