@@ -299,6 +299,7 @@ cmd_start() {
   fi
 
   log "starting Kafka $KAFKA_VERSION (KRaft) on $KAFKA_BOOTSTRAP, log: $KAFKA_LOG"
+  rotate_log "$KAFKA_LOG"
   printf '\n===== %s starting Kafka %s =====\n' "$(date -Is)" "$KAFKA_VERSION" >>"$KAFKA_LOG"
   # setsid: own session, so Ctrl-C or the caller's process group ending does not take it down.
   # fd 8/9 (locks) must not leak into the daemon, or the lock would be held for its lifetime.

@@ -312,6 +312,7 @@ cmd_start() {
     init_cluster
     write_config
     clear_stale_pidfile
+    rotate_log "$PG_LOG"
     touch "$PG_LOG"
     ((EUID != 0)) || chown "$PG_OWNER" "$PG_LOG"
     as_owner test -w "$PG_LOG" || die "the $PG_OWNER user cannot write $PG_LOG (check the modes of $SHOP_STATE_DIR/logs)"

@@ -68,6 +68,7 @@ for svc in payment inventory order; do
     stop_pidfile "$svc" "$pidfile"
   fi
   log "starting $svc (log: $logfile)"
+  rotate_log "$logfile"
   # KAFKA_BROKERS comes exported from lib.sh (this state dir's broker).
   GRPC_ADDR="$bind:${PORTS[$svc]}" HTTP_ADDR="$bind:$ORDER_HTTP_PORT" \
     METRICS_ADDR="$bind:${METRICS_PORTS[$svc]}" OTEL_SERVICE_NAME="$svc" \
