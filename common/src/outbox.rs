@@ -3,20 +3,21 @@
 //! A service never publishes directly: it calls [`enqueue`] inside the
 //! transaction that changes its state, so the event exists if and only if
 //! the change committed. The [`Relay`] then publishes pending rows in id
-//! order with the idempotent producer and marks them published in the same
-//! transaction that read them. A crash before marking republishes the batch;
-//! consumers drop the duplicates by `event_id`.
+//! order with the idempotent producer, waits for every acknowledgement, and
+//! only then marks them published. A crash before marking republishes the
+//! batch; consumers drop the duplicates by `event_id`.
 //!
-//! Only one relay per database publishes at a time (a transaction-scoped
-//! advisory lock), which keeps each key's events in commit order even when a
-//! service runs several replicas.
+//! Only one relay per database publishes at a time, which keeps each key's
+//! events in commit order even when a service runs several replicas: the
+//! leader holds a session-level advisory lock on a connection of its own
+//! (see [`Relay`]).
 
 use std::{sync::Arc, time::Duration};
 
 use prost::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shop_proto::EventName;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -257,6 +258,21 @@ fn publish_span(row: &PendingRow) -> tracing::Span {
 }
 
 /// Publishes the outbox of one database.
+///
+/// The relay that takes the advisory lock [`RELAY_LOCK`] leads; it keeps
+/// the lock on a connection taken out of the pool for as long as that
+/// connection lives, and the relays of other replicas retry every poll
+/// interval. A round is then two statements on that connection, each its
+/// own transaction: read the pending rows, and (once Kafka acknowledged
+/// them all) mark them. No transaction stays open while Kafka answers, and
+/// the connection runs with `synchronous_commit` off, since its only writes
+/// are marks and prunes, whose loss is harmless (a lost mark republishes,
+/// and consumers drop the duplicates). The lock needs a session: behind a
+/// pooler, use session pooling for the relay's database connections.
+///
+/// When the leader's connection breaks, PostgreSQL releases the lock and
+/// another relay may lead while the old leader's last deliveries are still
+/// in flight: at worst a batch is published twice, each copy in order.
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
@@ -293,8 +309,10 @@ impl Relay {
         let mut streak = Streak::new();
         let mut last_prune = tokio::time::Instant::now();
         let mut last_count: Option<tokio::time::Instant> = None;
+        // The connection holding the lock while this relay leads.
+        let mut leader: Option<PgConnection> = None;
         loop {
-            match self.drain().await {
+            match self.round(&mut leader).await {
                 Ok(_) => {
                     streak.reset();
                     // The pending gauge, at most once a second (a partial index count).
@@ -305,6 +323,13 @@ impl Relay {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay failed");
+                    // A database error may have cut the connection: dropping
+                    // it closes it, which releases the lock, and the next
+                    // round takes the lock again (or finds another relay
+                    // leading). A broker error leaves the lead as it is.
+                    if matches!(e, RelayError::Db(_)) {
+                        leader = None;
+                    }
                     let transient = e.is_transient();
                     let delay = streak.failed(e, transient).map_err(|e| {
                         anyhow::Error::new(e).context("the outbox relay cannot go on")
@@ -320,17 +345,22 @@ impl Relay {
                     continue;
                 }
             }
-            if last_prune.elapsed() >= self.retention.min(Duration::from_secs(60)) {
+            if let Some(conn) = leader.as_mut()
+                && last_prune.elapsed() >= self.retention.min(Duration::from_secs(60))
+            {
                 last_prune = tokio::time::Instant::now();
-                match self.prune().await {
+                match prune(conn, self.retention).await {
                     Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned published outbox rows"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "outbox prune failed"),
                 }
             }
+            // A relay that does not lead only polls for the lock: the
+            // leader publishes what the notifications announce.
+            let leads = leader.is_some();
             let woken = async {
                 tokio::select! {
-                    () = self.notifier.0.notified() => {}
+                    () = self.notifier.0.notified(), if leads => {}
                     () = tokio::time::sleep(self.poll_interval) => {}
                 }
             };
@@ -338,8 +368,12 @@ impl Relay {
                 break;
             }
         }
-        if let Err(e) = self.drain().await {
-            tracing::warn!(error = %e, "final outbox drain failed; events stay pending");
+        if let Some(mut conn) = leader.take() {
+            if let Err(e) = self.drain(&mut conn).await {
+                tracing::warn!(error = %e, "final outbox drain failed; events stay pending");
+            }
+            // Releases the lock at once for another replica's relay.
+            drop(conn.close().await);
         }
         if let Err(e) = self.producer.flush(Duration::from_secs(10)) {
             tracing::warn!(error = %e, "producer flush on shutdown failed");
@@ -348,12 +382,45 @@ impl Relay {
         Ok(())
     }
 
+    /// Takes the lead if no relay holds it, then drains the outbox if this
+    /// one leads.
+    async fn round(&self, leader: &mut Option<PgConnection>) -> Result<usize, RelayError> {
+        if leader.is_none() {
+            *leader = self.take_lead().await?;
+        }
+        match leader {
+            Some(conn) => self.drain(conn).await,
+            None => Ok(0),
+        }
+    }
+
+    /// The connection now holding the lock, or `None` while another relay
+    /// holds it (the connection then goes back to the pool holding nothing).
+    async fn take_lead(&self) -> Result<Option<PgConnection>, RelayError> {
+        let mut conn = self.pool.acquire().await?;
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !led {
+            return Ok(None);
+        }
+        // Never back to the pool: the lock belongs to the session, and the
+        // next borrower would hold it unknowingly. Dropped, it is closed.
+        let mut conn = conn.detach();
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut conn)
+            .await?;
+        tracing::info!("outbox relay leads: it publishes this database's outbox");
+        Ok(Some(conn))
+    }
+
     /// Publishes batches until none is full.
-    async fn drain(&self) -> Result<usize, RelayError> {
+    async fn drain(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
         let full = usize::try_from(self.batch_size).unwrap_or(usize::MAX);
         let mut total = 0;
         loop {
-            let n = self.publish_batch().await?;
+            let n = self.publish_batch(conn).await?;
             total += n;
             if n < full {
                 return Ok(total);
@@ -361,25 +428,16 @@ impl Relay {
         }
     }
 
-    /// One round: lock and read a batch, publish it all, await every
-    /// delivery, mark the batch published, commit: four round trips to the
-    /// database (`BEGIN`, the read, the mark, `COMMIT`). Returns how many
-    /// were published.
-    async fn publish_batch(&self) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
-        // The lock and the read in one round trip: the uncorrelated
-        // subquery runs once, before the rows are read. No rows either
-        // means nothing is pending or that another replica's relay holds
-        // the lock and is publishing them.
+    /// One batch on the leader's connection: read it, publish it all, await
+    /// every delivery, mark it published: two round trips to the database.
+    /// Returns how many were published.
+    async fn publish_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
         let rows: Vec<PendingRow> = sqlx::query_as(
             "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
-             FROM outbox
-             WHERE (SELECT pg_try_advisory_xact_lock($1)) AND published_at IS NULL
-             ORDER BY id LIMIT $2",
+             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
         )
-        .bind(RELAY_LOCK)
         .bind(self.batch_size)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
             return Ok(0);
@@ -404,21 +462,13 @@ impl Relay {
             delivery.map_err(|(e, _)| e)?;
         }
         drop(spans);
-        // Marking rows published is the one write whose loss is harmless:
-        // a lost mark republishes the batch, and consumers drop the
-        // duplicates. It need not wait for the WAL flush: the statement
-        // turns synchronous_commit off for its own transaction
-        // (`set_config(…, true)` is `SET LOCAL`), in the same round trip.
+        // Committed without waiting for the WAL flush (the connection's
+        // setting): a mark lost in a crash republishes the batch.
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        sqlx::query(
-            "UPDATE outbox SET published_at = now()
-             WHERE id = ANY($1)
-               AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL",
-        )
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await?;
         crate::metrics::published(
             rows.iter()
                 .map(|r| (r.topic.as_str(), r.event_type.as_str())),
@@ -437,36 +487,36 @@ impl Relay {
             Err(e) => tracing::debug!(error = %e, "counting pending outbox rows failed"),
         }
     }
+}
 
-    /// Deletes rows published longer than the retention ago, the oldest
-    /// first, [`PRUNE_BATCH`] at a time. There is no index on
-    /// `published_at` (it would cost an entry at every mark): rows are taken
-    /// in id order below the oldest pending row (the pending index finds it),
-    /// which is roughly publication order. A batch with a row not yet old
-    /// enough (republished after a broker change) ends the round, so rows
-    /// are kept at least the retention, and at worst until those before
-    /// them expire.
-    async fn prune(&self) -> sqlx::Result<u64> {
-        let retention_secs = self.retention.as_secs_f64();
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM outbox WHERE id IN (
-                     SELECT id FROM outbox
-                     WHERE id < coalesce((SELECT min(id) FROM outbox WHERE published_at IS NULL),
-                                         9223372036854775807)
-                     ORDER BY id LIMIT $2)
-                 AND published_at < now() - make_interval(secs => $1)",
-            )
-            .bind(retention_secs)
-            .bind(PRUNE_BATCH)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            total += done;
-            if done < PRUNE_BATCH.unsigned_abs() {
-                return Ok(total);
-            }
+/// Deletes rows published longer than the retention ago, the oldest
+/// first, [`PRUNE_BATCH`] at a time. There is no index on
+/// `published_at` (it would cost an entry at every mark): rows are taken
+/// in id order below the oldest pending row (the pending index finds it),
+/// which is roughly publication order. A batch with a row not yet old
+/// enough (republished after a broker change) ends the round, so rows
+/// are kept at least the retention, and at worst until those before
+/// them expire.
+async fn prune(conn: &mut PgConnection, retention: Duration) -> sqlx::Result<u64> {
+    let retention_secs = retention.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                 WHERE id < coalesce((SELECT min(id) FROM outbox WHERE published_at IS NULL),
+                                     9223372036854775807)
+                 ORDER BY id LIMIT $2)
+             AND published_at < now() - make_interval(secs => $1)",
+        )
+        .bind(retention_secs)
+        .bind(PRUNE_BATCH)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        total += done;
+        if done < PRUNE_BATCH.unsigned_abs() {
+            return Ok(total);
         }
     }
 }

@@ -1,0 +1,167 @@
+//! The outbox relay's leadership, against a real PostgreSQL and Kafka: of
+//! several relays on one database (one per replica), exactly one publishes;
+//! when its connection is cut, or it stops, another leads, and every event
+//! reaches the topic once, in the order it was written.
+
+use std::time::Duration;
+
+use common::{
+    config::DbConfig,
+    outbox::{OutboxEvent, Relay},
+    topics,
+};
+use e2e::{create_database, eventually, test_kafka_config, test_pipeline_config, unique_id};
+use prost::Message as _;
+use rdkafka::Message as _;
+use shop_proto::events;
+use sqlx::{PgPool, migrate::Migrator};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// One relay with a pool of its own, as a replica would run it.
+struct Replica {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl Replica {
+    fn start(url: &str, kafka: &common::config::KafkaConfig) -> Self {
+        let pool = common::db::pool(&DbConfig {
+            url: url.to_owned().into(),
+            max_connections: 4,
+        })
+        .expect("pool");
+        let producer = common::kafka::producer(kafka).expect("producer");
+        let relay = Relay::new(pool, producer, &test_pipeline_config());
+        let stop = CancellationToken::new();
+        let run = relay.run(stop.clone());
+        let task = tokio::spawn(async move { run.await.map_err(|e| format!("{e:#}")) });
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("relay stops within 30 s")
+            .expect("relay task")
+            .expect("relay ends without error");
+    }
+}
+
+/// Writes events `range` for one customer, one transaction each (as
+/// separate requests would).
+async fn write(db: &PgPool, topic: &str, range: std::ops::Range<u32>) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for n in range {
+        let event_id = Uuid::now_v7();
+        let created = events::OrderCreated {
+            order_id: format!("{n:05}"),
+            customer_id: "CUST-RELAY".into(),
+            ..Default::default()
+        };
+        let event = OutboxEvent::new(topic.to_owned(), "CUST-RELAY", event_id, &created);
+        let mut tx = db.begin().await.expect("begin");
+        common::outbox::enqueue(&mut tx, &[event])
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        ids.push(event_id);
+    }
+    ids
+}
+
+async fn wait_published(db: &PgPool, written: i64) {
+    eventually("every outbox row to be marked published", || async {
+        let (rows, pending): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        )
+        .fetch_one(db)
+        .await
+        .ok()?;
+        (rows == written && pending == 0).then_some(())
+    })
+    .await;
+}
+
+/// The backends holding an advisory lock in this test's database: the
+/// leading relays.
+async fn leaders(db: &PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(db)
+    .await
+    .expect("read pg_locks")
+}
+
+async fn one_leader(db: &PgPool) -> i32 {
+    eventually("exactly one relay to lead", || async {
+        match leaders(db).await[..] {
+            [pid] => Some(pid),
+            _ => None,
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_relay_leads_and_another_takes_over() {
+    let id = unique_id();
+    let url = create_database(format!("t_{id}_relay")).await;
+    let kafka = test_kafka_config(&id, "relay");
+    let shutdown = CancellationToken::new();
+    common::kafka::ensure_topics(&kafka, &[topics::ORDERS], &shutdown)
+        .await
+        .expect("topics");
+    let db = PgPool::connect(&url).await.expect("connect");
+    common::db::migrate(&db, &Migrator::DEFAULT, &shutdown)
+        .await
+        .expect("migrations");
+    let topic = kafka.topic(topics::ORDERS);
+
+    let a = Replica::start(&url, &kafka);
+    let b = Replica::start(&url, &kafka);
+    let mut written = write(&db, &topic, 0..40).await;
+    wait_published(&db, 40).await;
+    let first = one_leader(&db).await;
+
+    // The leader's connection is cut (a failover, a killed backend): the
+    // lock goes with it, and a relay leads again on a new connection.
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(&db)
+        .await
+        .expect("terminate the leader's backend");
+    written.extend(write(&db, &topic, 40..80).await);
+    wait_published(&db, 80).await;
+    let second = one_leader(&db).await;
+    assert_ne!(second, first, "a new connection leads");
+
+    // One replica stops: whichever it was, the other publishes from now on.
+    a.stop().await;
+    written.extend(write(&db, &topic, 80..120).await);
+    wait_published(&db, 120).await;
+    one_leader(&db).await;
+    b.stop().await;
+    eventually("the stopped relays to release the lock", || async {
+        leaders(&db).await.is_empty().then_some(())
+    })
+    .await;
+
+    // Every event once, in the order written: one key, one partition.
+    let records = shopctl::topic::read_all(&kafka, &topic).expect("read topic");
+    let published: Vec<Uuid> = records
+        .iter()
+        .map(|m| {
+            let created = events::OrderCreated::decode(m.payload().unwrap_or_default())
+                .expect("an OrderCreated");
+            let n: usize = created.order_id.parse().expect("a sequence number");
+            written[n]
+        })
+        .collect();
+    assert_eq!(published, written, "each event once, in write order");
+}
