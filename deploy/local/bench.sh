@@ -16,6 +16,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SHOP_CACHE_DIR/target}"
 
+# A full run writes about 2 GB (300,000 orders in three databases, their WAL and topics), and
+# the data only grows (a day of runs left 27 GB): PostgreSQL stops when it cannot write its WAL.
+# Check first, and say what the stack already holds.
+mkdir -p "$SHOP_STATE_DIR"
+free_kib="$(df -Pk "$SHOP_STATE_DIR" | awk 'NR == 2 { print $4 }')"
+log "the stack's data: $(du -sh "$SHOP_STATE_DIR" 2>/dev/null | cut -f1) in $SHOP_STATE_DIR, $((free_kib / 1024 / 1024)) GiB free"
+((free_kib >= 4 * 1024 * 1024)) ||
+  die "less than 4 GiB free for $SHOP_STATE_DIR; deploy/local/down.sh --purge deletes the stack's data"
+
 "$REPO/deploy/local/tools.sh" ghz k6 grpcurl grpc-health-probe
 command -v pgbench >/dev/null || die "pgbench is missing (it comes with PostgreSQL: run deploy/local/postgres.sh start)"
 if ! grpc-health-probe -addr="127.0.0.1:$ORDER_GRPC_PORT" >/dev/null 2>&1; then
