@@ -15,7 +15,7 @@
 //! (available >= 0)` constraint backs that up.
 //!
 //! A batch's run of `OrderCreated` is applied set-based
-//! ([`OrderSide::created_all`]): three statements for the run instead of
+//! ([`OrderSide::created_all`]): two statements for the run instead of
 //! about six per order, the stock rows of all its products locked once in
 //! product order, each order decided in memory in event order against the
 //! stock the orders before it left ([`Shelf`]), and each product's row
@@ -125,13 +125,13 @@ impl OrderSide for Reservations {
         Ok(())
     }
 
-    /// The same as [`Reservations::created`] on each order in turn, in three
-    /// statements for the whole run: find the orders that have a
-    /// reservation already, lock the stock rows of all the others' products
-    /// once (in product order), then, after deciding every order in memory
-    /// in event order ([`Shelf`]), write the reservations and their items,
-    /// each product's net units and the results in one statement
-    /// ([`store::write_run`]).
+    /// The same as [`Reservations::created`] on each order in turn, in two
+    /// statements for the whole run: lock the stock rows of the run's
+    /// products once (in product order) and find the orders that have a
+    /// reservation already ([`store::open_run`]), then, after deciding every
+    /// other order in memory in event order ([`Shelf`]), write the
+    /// reservations and their items, each product's net units and the
+    /// results ([`store::write_run`]).
     async fn created_all(
         &self,
         conn: &mut PgConnection,
@@ -142,9 +142,17 @@ impl OrderSide for Reservations {
             .map(|o| merged_lines(o.order_id, &o.event))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+        // Every order's products, also those of an order found reserved
+        // already: the lock and the lookup are one statement.
+        let products: BTreeSet<&str> = lines
+            .iter()
+            .flat_map(|lines| lines.iter().map(|l| l.product_id.as_str()))
+            .collect();
+        let products: Vec<&str> = products.into_iter().collect();
+        let start = store::open_run(conn, &products, &ids).await?;
         // Orders decided before, and (by inserting) those decided in this
         // run: a second `OrderCreated` of one order changes nothing.
-        let mut seen = store::reserved_orders(conn, &ids).await?;
+        let mut seen = start.reserved;
         let mut statements = 1;
         let todo: Vec<(&NewOrder<'_>, &[Line])> = orders
             .iter()
@@ -161,12 +169,7 @@ impl OrderSide for Reservations {
             .map(|(order, lines)| (order, lines.as_slice()))
             .collect();
         if !todo.is_empty() {
-            let products: BTreeSet<&str> = todo
-                .iter()
-                .flat_map(|(_, lines)| lines.iter().map(|l| l.product_id.as_str()))
-                .collect();
-            let products: Vec<&str> = products.into_iter().collect();
-            let mut stock = Shelf::new(store::lock_stock(conn, &products).await?);
+            let mut stock = Shelf::new(start.available);
             let decided: Vec<(&NewOrder<'_>, &[Line], Decision)> = todo
                 .into_iter()
                 .map(|(order, lines)| (order, lines, stock.reserve(lines)))
@@ -214,8 +217,8 @@ impl OrderSide for Reservations {
                     taken.len()
                 )));
             }
-            // the lock, then the reservations, items, stock and events at once
-            statements += 2;
+            // the reservations, items, stock and events at once
+            statements += 1;
         }
         metrics::set_based_run(&orders[0].meta.topic, "inventory", orders.len() as u64);
         tracing::debug!(

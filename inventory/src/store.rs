@@ -215,17 +215,62 @@ pub async fn insert_reservation(
     Ok(true)
 }
 
-/// Which of `order_ids` have a reservation already (whatever its status).
-pub async fn reserved_orders(
+/// What a run of new orders starts from ([`open_run`]).
+#[derive(Debug, Default)]
+pub struct RunStart {
+    /// The units available of the run's products that exist, their rows
+    /// locked until the transaction ends.
+    pub available: BTreeMap<String, i64>,
+    /// The run's orders that have a reservation already (whatever its
+    /// status).
+    pub reserved: HashSet<Uuid>,
+}
+
+/// A row of [`open_run`]'s statement: a locked product (none when no
+/// product of the run exists) and the run's reserved orders (the same list
+/// on every row, NULL when there are none).
+#[derive(sqlx::FromRow)]
+struct RunStartRow {
+    product_id: Option<String>,
+    available: Option<i64>,
+    reserved: Option<Vec<Uuid>>,
+}
+
+/// Opens a run of new orders in one statement (one round trip): locks the
+/// stock rows of `product_ids` until the transaction ends, in product order
+/// as [`lock_stock`] does, and finds which of `order_ids` have a
+/// reservation already. A reservation another transaction commits while
+/// this statement runs is not in `reserved` (one statement, one snapshot):
+/// [`write_run`]'s count catches it.
+pub async fn open_run(
     conn: &mut PgConnection,
+    product_ids: &[&str],
     order_ids: &[Uuid],
-) -> sqlx::Result<HashSet<Uuid>> {
-    let found: Vec<Uuid> =
-        sqlx::query_scalar("SELECT order_id FROM reservations WHERE order_id = ANY($1)")
-            .bind(order_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(found.into_iter().collect())
+) -> sqlx::Result<RunStart> {
+    let rows: Vec<RunStartRow> = sqlx::query_as(
+        "WITH locked AS (
+             SELECT product_id, available FROM stock WHERE product_id = ANY($1)
+             ORDER BY product_id FOR UPDATE
+         ), reserved AS (
+             SELECT array_agg(order_id) AS reserved FROM reservations WHERE order_id = ANY($2)
+         )
+         SELECT locked.product_id, locked.available, reserved.reserved
+         FROM reserved LEFT JOIN locked ON true",
+    )
+    .bind(product_ids)
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await?;
+    let mut start = RunStart::default();
+    for row in rows {
+        if let Some(reserved) = row.reserved.filter(|_| start.reserved.is_empty()) {
+            start.reserved.extend(reserved);
+        }
+        if let (Some(product_id), Some(available)) = (row.product_id, row.available) {
+            start.available.insert(product_id, available);
+        }
+    }
+    Ok(start)
 }
 
 /// What [`write_run`] wrote.

@@ -10,7 +10,7 @@
 //! `OrderCancelled` finds the payment already refunded.
 //!
 //! A batch's run of `OrderCreated` is applied set-based
-//! ([`OrderSide::created_all`]): four statements for the run instead of five
+//! ([`OrderSide::created_all`]): two statements for the run instead of five
 //! per order, the accounts locked once in customer order and each decision
 //! taken in memory in event order against the credit the orders before it
 //! left ([`Books`]). [`OrderSide::created`] is the per-record path the
@@ -147,12 +147,13 @@ impl OrderSide for Payments {
         Ok(())
     }
 
-    /// The same as [`Payments::created`] on each order in turn, in four
+    /// The same as [`Payments::created`] on each order in turn, in two
     /// statements for the whole run: create the missing accounts, lock the
-    /// run's accounts (in customer order), find the orders that have a
-    /// payment row already, then, after deciding every order in memory in
-    /// event order ([`Books`]), write the payments, each changed account
-    /// once and the results in one statement ([`store::write_run`]).
+    /// run's accounts (in customer order) and find the orders that have a
+    /// payment row already ([`store::open_run`]), then, after deciding
+    /// every order in memory in event order ([`Books`]), write the
+    /// payments, each changed account once and the results
+    /// ([`store::write_run`]).
     async fn created_all(
         &self,
         conn: &mut PgConnection,
@@ -168,13 +169,13 @@ impl OrderSide for Payments {
             .collect();
         customers.sort_unstable();
         customers.dedup();
-        store::ensure_accounts(conn, &customers, &self.defaults).await?;
-        let mut books = Books::new(store::lock_accounts(conn, &customers).await?);
         let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+        let start = store::open_run(conn, &customers, &ids, &self.defaults).await?;
+        let mut books = Books::new(start.accounts);
         // Orders decided before, and (by inserting) those decided in this
         // run: a second `OrderCreated` of one order changes nothing.
-        let mut seen = store::paid_orders(conn, &ids).await?;
-        let mut statements = 3;
+        let mut seen = start.paid;
+        let mut statements = 1;
 
         let mut decided = Vec::with_capacity(orders.len());
         for (order, total) in orders.iter().zip(totals) {
@@ -185,7 +186,9 @@ impl OrderSide for Payments {
                 });
                 continue;
             }
-            // Every account of the run was ensured and locked above.
+            // Every account of the run was ensured and locked above, unless
+            // another transaction created it meanwhile (`open_run`): the
+            // batch fails, and its replay one record at a time sees it.
             let decision = books
                 .pay(customer_id, total.units, &total.currency)
                 .ok_or(sqlx::Error::RowNotFound)?;

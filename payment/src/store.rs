@@ -41,54 +41,76 @@ pub async fn ensure_account(
     Ok(())
 }
 
-/// Creates the accounts of `customer_ids` with the defaults unless they
-/// exist, in one statement (in the order given: pass them sorted, as
-/// [`lock_accounts`] locks them).
-pub async fn ensure_accounts(
-    conn: &mut PgConnection,
-    customer_ids: &[&str],
-    defaults: &AccountDefaults,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
-         SELECT customer_id, $2, $3 FROM UNNEST($1::text[]) AS c(customer_id)
-         ON CONFLICT (customer_id) DO NOTHING",
-    )
-    .bind(customer_ids)
-    .bind(&defaults.currency)
-    .bind(defaults.credit_limit)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// An account with its customer, as [`lock_accounts`] returns it.
+/// An account with its customer, as [`open_run`] returns it.
 #[derive(Debug, sqlx::FromRow)]
 struct AccountRow {
     customer_id: String,
     #[sqlx(flatten)]
     credit: Credit,
+    /// The run's orders that have a payment row already (the same list on
+    /// every row; NULL when there are none).
+    paid: Option<Vec<Uuid>>,
 }
 
-/// The accounts of `customer_ids` that exist, locked until the transaction
-/// ends, always in customer order: concurrent lockers of several accounts
-/// then never deadlock on each other.
-pub async fn lock_accounts(
+/// What a run of new orders starts from ([`open_run`]).
+#[derive(Debug, Default)]
+pub struct RunStart {
+    /// The run's accounts, locked until the transaction ends.
+    pub accounts: Vec<(String, Credit)>,
+    /// The run's orders that have a payment row already: a decision, or the
+    /// marker of a cancellation that came first.
+    pub paid: HashSet<Uuid>,
+}
+
+/// Opens a run of new orders in one statement (one round trip): creates
+/// the accounts of `customer_ids` that do not exist with the defaults,
+/// locks them all until the transaction ends (the existing ones in
+/// customer order, so concurrent lockers of several accounts never
+/// deadlock on each other), and finds which of `order_ids` have a payment
+/// row already.
+///
+/// One statement sees one snapshot: an account another transaction creates
+/// while this one runs is neither created nor returned (the caller fails
+/// the batch, which the consume loop then replays one record at a time),
+/// and a payment another transaction commits
+/// meanwhile is not in `paid` ([`write_run`]'s count catches it).
+pub async fn open_run(
     conn: &mut PgConnection,
     customer_ids: &[&str],
-) -> sqlx::Result<Vec<(String, Credit)>> {
+    order_ids: &[Uuid],
+    defaults: &AccountDefaults,
+) -> sqlx::Result<RunStart> {
     let rows: Vec<AccountRow> = sqlx::query_as(
-        r#"SELECT customer_id, currency, credit_limit_units AS "limit", used_units AS used
-           FROM accounts WHERE customer_id = ANY($1)
-           ORDER BY customer_id FOR UPDATE"#,
+        r#"WITH created AS (
+               INSERT INTO accounts (customer_id, currency, credit_limit_units)
+               SELECT customer_id, $2, $3 FROM UNNEST($1::text[]) AS c(customer_id)
+               ON CONFLICT (customer_id) DO NOTHING
+               RETURNING customer_id, currency, credit_limit_units, used_units
+           ), existing AS (
+               SELECT customer_id, currency, credit_limit_units, used_units FROM accounts
+               WHERE customer_id = ANY($1)
+               ORDER BY customer_id FOR UPDATE
+           ), paid AS (
+               SELECT array_agg(order_id) AS paid FROM payments WHERE order_id = ANY($4)
+           )
+           SELECT a.customer_id, a.currency, a.credit_limit_units AS "limit",
+                  a.used_units AS used, paid.paid
+           FROM (SELECT * FROM created UNION ALL SELECT * FROM existing) a CROSS JOIN paid"#,
     )
     .bind(customer_ids)
+    .bind(&defaults.currency)
+    .bind(defaults.credit_limit)
+    .bind(order_ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.customer_id, r.credit))
-        .collect())
+    let mut start = RunStart::default();
+    for row in rows {
+        if let Some(paid) = row.paid.filter(|_| start.paid.is_empty()) {
+            start.paid.extend(paid);
+        }
+        start.accounts.push((row.customer_id, row.credit));
+    }
+    Ok(start)
 }
 
 /// The account, locked until the transaction ends.
@@ -235,20 +257,6 @@ pub async fn insert_payment(conn: &mut PgConnection, p: &NewPayment<'_>) -> sqlx
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
-}
-
-/// Which of `order_ids` have a payment row already (a decision, or the
-/// marker of a cancellation that came first).
-pub async fn paid_orders(
-    conn: &mut PgConnection,
-    order_ids: &[Uuid],
-) -> sqlx::Result<HashSet<Uuid>> {
-    let found: Vec<Uuid> =
-        sqlx::query_scalar("SELECT order_id FROM payments WHERE order_id = ANY($1)")
-            .bind(order_ids)
-            .fetch_all(conn)
-            .await?;
-    Ok(found.into_iter().collect())
 }
 
 /// Writes a run's results in one statement (one round trip): the orders'
