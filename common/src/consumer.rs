@@ -278,8 +278,12 @@ pub fn subscribe(
         // and dropped as duplicates).
         .set("max.poll.interval.ms", "30000")
         // Bounded prefetch (librdkafka's default queues up to 64 MiB per
-        // consumer): a batch is at most CONSUMER_BATCH_SIZE records anyway.
-        .set("queued.max.messages.kbytes", "8192")
+        // consumer): a batch is at most CONSUMER_BATCH_SIZE records (500 by
+        // default, about 150 KiB of these events), so 1 MiB holds several
+        // batches. The queue lives in librdkafka's heap (glibc's malloc, not
+        // mimalloc): at 5,000 orders/s offered it held 9-13 MiB of order's
+        // RSS with 8 MiB here, 7-8 MiB with 1 MiB (BENCHMARKS.md).
+        .set("queued.max.messages.kbytes", "1024")
         // For the consumer lag gauge (ClientContext::stats).
         .set("statistics.interval.ms", "5000")
         .create_with_context(LoggingContext::default())?;
