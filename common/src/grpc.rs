@@ -12,6 +12,18 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::tls::ServerTls;
 
+/// Most calls one HTTP/2 connection may have open at once (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`); a client past it waits for a stream
+/// on its side. tonic leaves it unset, which also drops hyper's own bound
+/// (200), so one connection could hold any number of calls in the server:
+/// at 5,000 orders/s offered order held about 800 in flight and, under a
+/// heap profiler, 3,200, whose HTTP/2 stream state and header maps were
+/// 30 MB of its 52 MB heap (BENCHMARKS.md). 100 is the lowest value
+/// RFC 9113 (section 6.5.2) recommends and the default of nghttp2 and
+/// Kestrel; at the 5 ms a `CreateOrder` takes at 1,000/s, one connection
+/// still carries 20,000 calls a second.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+
 /// The server's router: every call goes through the metrics layer.
 pub type Router =
     tonic::transport::server::Router<Stack<crate::metrics::GrpcMetricsLayer, Identity>>;
@@ -60,6 +72,7 @@ pub fn router(
         None => Server::builder(),
     };
     let router = server
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .trace_fn(request_span)
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(health)

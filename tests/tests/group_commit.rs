@@ -106,9 +106,18 @@ impl Held {
             .execute(&mut lock)
             .await
             .expect("lock orders");
-        let orders = p.orders().await;
-        let send = |request: CreateOrderRequest| {
-            let mut orders = orders.clone();
+        // A connection carries at most MAX_CONCURRENT_STREAMS calls at once
+        // (the rest would wait in the client, never reaching the queue):
+        // enough connections for every call to be in the server together.
+        let per_connection = common::grpc::MAX_CONCURRENT_STREAMS as usize;
+        let mut connections = Vec::new();
+        for _ in 0..=requests.len().div_ceil(per_connection) {
+            connections.push(p.orders().await);
+        }
+        let mut sent = 0;
+        let mut send = |request: CreateOrderRequest| {
+            let mut orders = connections[sent / per_connection].clone();
+            sent += 1;
             tokio::spawn(async move {
                 orders
                     .create_order(request)
