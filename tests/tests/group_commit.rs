@@ -114,10 +114,10 @@ impl Held {
         for _ in 0..=requests.len().div_ceil(per_connection) {
             connections.push(p.orders().await);
         }
-        let mut sent = 0;
+        let mut next_call = 0;
         let mut send = |request: CreateOrderRequest| {
-            let mut orders = connections[sent / per_connection].clone();
-            sent += 1;
+            let mut orders = connections[next_call / per_connection].clone();
+            next_call += 1;
             tokio::spawn(async move {
                 orders
                     .create_order(request)
