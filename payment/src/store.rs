@@ -72,8 +72,8 @@ pub struct RunStart {
 /// One statement sees one snapshot: an account another transaction creates
 /// while this one runs is neither created nor returned (the caller fails
 /// the batch, which the consume loop then replays one record at a time),
-/// and a payment another transaction commits
-/// meanwhile is not in `paid` ([`write_run`]'s count catches it).
+/// and a payment another transaction commits meanwhile is not in `paid`
+/// ([`write_run`]'s count catches it).
 pub async fn open_run(
     conn: &mut PgConnection,
     customer_ids: &[&str],

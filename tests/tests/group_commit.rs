@@ -108,10 +108,11 @@ impl Held {
             .expect("lock orders");
         // A connection carries at most MAX_CONCURRENT_STREAMS calls at once
         // (the rest would wait in the client, never reaching the queue):
-        // enough connections for every call to be in the server together.
+        // enough connections for every call (the plugs and the requests)
+        // to be in the server together.
         let per_connection = common::grpc::MAX_CONCURRENT_STREAMS as usize;
         let mut connections = Vec::new();
-        for _ in 0..=requests.len().div_ceil(per_connection) {
+        for _ in 0..(WRITERS + requests.len()).div_ceil(per_connection) {
             connections.push(p.orders().await);
         }
         let mut next_call = 0;
