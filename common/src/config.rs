@@ -232,9 +232,15 @@ pub struct PipelineConfig {
     /// `OUTBOX_POLL_INTERVAL_MS` (default 200): how often the relay looks for
     /// events when nobody woke it.
     pub outbox_poll_interval: Duration,
-    /// `OUTBOX_RETENTION_SECS` (default 3600): published rows older than
-    /// this are pruned.
+    /// `OUTBOX_RETENTION_SECS` (default 3600): published rows are kept at
+    /// least this long after they were written, at most a quarter longer
+    /// (they leave by partition, `common::partitions`).
     pub outbox_retention: Duration,
+    /// `PROCESSED_RETENTION_SECS` (default 604800, 7 days): how long a
+    /// consumer remembers an event it applied, so that a redelivery changes
+    /// nothing. At least the topics' `retention.ms` (Kafka's default is 7
+    /// days): an event delivered again after its row left is applied again.
+    pub processed_retention: Duration,
     /// `CONSUMER_BATCH_SIZE` (default 500): records applied per transaction.
     pub consumer_batch_size: usize,
     /// `CONSUMER_MAX_ATTEMPTS` (default 5): tries of a failing record before
@@ -250,6 +256,7 @@ impl PipelineConfig {
             outbox_batch_size: var("OUTBOX_BATCH_SIZE", 1000)?,
             outbox_poll_interval: millis("OUTBOX_POLL_INTERVAL_MS", 200)?,
             outbox_retention: Duration::from_secs(var("OUTBOX_RETENTION_SECS", 3600)?),
+            processed_retention: Duration::from_secs(var("PROCESSED_RETENTION_SECS", 604_800)?),
             consumer_batch_size: var("CONSUMER_BATCH_SIZE", 500)?,
             consumer_max_attempts: var("CONSUMER_MAX_ATTEMPTS", 5)?,
             health_interval: millis("HEALTH_CHECK_INTERVAL_MS", 1000)?,
@@ -263,6 +270,7 @@ impl Default for PipelineConfig {
             outbox_batch_size: 1000,
             outbox_poll_interval: Duration::from_millis(200),
             outbox_retention: Duration::from_secs(3600),
+            processed_retention: Duration::from_secs(604_800),
             consumer_batch_size: 500,
             consumer_max_attempts: 5,
             health_interval: Duration::from_secs(1),

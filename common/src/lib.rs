@@ -47,6 +47,7 @@ pub mod kafka;
 pub mod kafka_security;
 pub mod metrics;
 pub mod outbox;
+pub mod partitions;
 pub mod rest;
 pub mod retry;
 pub mod saga;

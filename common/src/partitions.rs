@@ -1,0 +1,413 @@
+//! Retention by partition: the outbox and `processed_events` are
+//! partitioned by ranges of their v7 UUID `event_id` (migrations 0006 and
+//! 0007). A v7 id begins with its creation time in Unix milliseconds, so a
+//! range of ids is a range of times. The relay leader keeps the ranges
+//! ([`Retention::upkeep`]): it creates them ahead of time and drops a whole
+//! partition once the newest time it can hold is older than the retention
+//! (for the outbox, also only when no row in it is pending). Dropping a
+//! table costs nothing per row; deleting published rows cost a statement,
+//! WAL with full-page images and vacuum work for each of about four rows
+//! per order (BENCHMARKS.md, "The cost the benchmark does not see").
+//!
+//! Nothing depends on the upkeep for correctness: a row whose id falls in no
+//! range (a leader absent for longer than the ranges prepared ahead, an id
+//! that is not v7) lands in the table's default partition, which the upkeep
+//! prunes row by row.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::config::PipelineConfig;
+
+/// Most rows one upkeep deletes from a default partition.
+const DEFAULT_PRUNE_BATCH: i64 = 1_000;
+
+/// How long the upkeep's DDL waits for its locks before it gives up until
+/// the next upkeep: while it waits, the writers it conflicts with queue
+/// behind it.
+const LOCK_TIMEOUT: &str = "200ms";
+
+/// Ranges prepared ahead of the current time, in spans.
+const SPANS_AHEAD: u64 = 2;
+
+/// PostgreSQL's `lock_not_available`, what `lock_timeout` raises.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// One of the two tables kept by partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    /// Partitions are dropped only when no row in them is pending.
+    Outbox,
+    ProcessedEvents,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Outbox => "outbox",
+            Self::ProcessedEvents => "processed_events",
+        }
+    }
+
+    /// Deletes up to `limit` expired rows of the default partition.
+    fn default_prune(self) -> &'static str {
+        match self {
+            Self::Outbox => {
+                "DELETE FROM outbox_default WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM outbox_default
+                     WHERE published_at < now() - make_interval(secs => $1) LIMIT $2))"
+            }
+            Self::ProcessedEvents => {
+                "DELETE FROM processed_events_default WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM processed_events_default
+                     WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2))"
+            }
+        }
+    }
+}
+
+/// One partition: ids created in `[from, to)`, in Unix milliseconds. Its
+/// name says its range (`outbox_<from>_<to>`), so listing the partitions
+/// needs no parsing of PostgreSQL's bound expressions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Range {
+    from: u64,
+    to: u64,
+}
+
+impl Range {
+    fn parse(table: Table, name: &str) -> Option<Self> {
+        let (from, to) = name
+            .strip_prefix(table.name())?
+            .strip_prefix('_')?
+            .split_once('_')?;
+        Some(Self {
+            from: from.parse().ok()?,
+            to: to.parse().ok()?,
+        })
+    }
+
+    fn name(&self, table: Table) -> String {
+        format!("{}_{}_{}", table.name(), self.from, self.to)
+    }
+
+    fn overlaps(&self, other: &Self) -> bool {
+        self.from < other.to && other.from < self.to
+    }
+}
+
+/// The smallest v7 UUID created at `ms`: the bound of a range.
+#[must_use]
+pub fn first_id_at(ms: u64) -> Uuid {
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    Uuid::from_bytes(bytes)
+}
+
+/// `[from, to)` less the parts the `taken` ranges cover.
+fn uncovered(want: Range, taken: &[Range]) -> Vec<Range> {
+    let mut pieces = vec![want];
+    for t in taken {
+        pieces = pieces
+            .into_iter()
+            .flat_map(|p| {
+                if !p.overlaps(t) {
+                    return vec![p];
+                }
+                let mut left = Vec::new();
+                if p.from < t.from {
+                    left.push(Range {
+                        from: p.from,
+                        to: t.from,
+                    });
+                }
+                if t.to < p.to {
+                    left.push(Range {
+                        from: t.to,
+                        to: p.to,
+                    });
+                }
+                left
+            })
+            .collect();
+    }
+    pieces
+}
+
+/// How one table is kept.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    table: Table,
+    retention: Duration,
+}
+
+impl Kept {
+    /// A quarter of the retention (rows stay between 1 and 1.25 times the
+    /// retention), at least a second, at most a day: a handful of
+    /// partitions, whatever the retention.
+    fn span_ms(&self) -> u64 {
+        let quarter = u64::try_from(self.retention.as_millis() / 4).unwrap_or(u64::MAX);
+        quarter.clamp(1_000, 86_400_000)
+    }
+
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn ranges(&self, conn: &mut PgConnection) -> sqlx::Result<Vec<Range>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = $1::text::regclass",
+        )
+        .bind(self.table.name())
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut ranges: Vec<Range> = names
+            .iter()
+            .filter_map(|n| Range::parse(self.table, n))
+            .collect();
+        ranges.sort_by_key(|r| r.from);
+        Ok(ranges)
+    }
+
+    async fn upkeep(&self, conn: &mut PgConnection, now_ms: u64) -> sqlx::Result<Upkeep> {
+        let mut done = Upkeep::default();
+        let ranges = self.ranges(conn).await?;
+        let span = self.span_ms();
+        let mut from = now_ms / span * span;
+        while from < now_ms + SPANS_AHEAD * span {
+            let want = Range {
+                from,
+                to: from + span,
+            };
+            for piece in uncovered(want, &ranges) {
+                if self.create(conn, &piece).await? {
+                    done.created += 1;
+                }
+            }
+            from += span;
+        }
+        for r in &ranges {
+            if r.to.saturating_add(self.retention_ms()) <= now_ms && self.drop(conn, r).await? {
+                done.dropped += 1;
+            }
+        }
+        done.pruned = sqlx::query(self.table.default_prune())
+            .bind(self.retention.as_secs_f64())
+            .bind(DEFAULT_PRUNE_BATCH)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        Ok(done)
+    }
+
+    /// Creates the partition apart and attaches it, which locks the parent
+    /// less than `CREATE TABLE … PARTITION OF` would (writers go on). False
+    /// when a lock was not had in time, or rows that belong in the range
+    /// are in the default partition already (they stay there).
+    async fn create(&self, conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
+        let (table, name) = (self.table.name(), range.name(self.table));
+        let mut tx = conn.begin().await?;
+        let outcome = async {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
+                 CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS);
+                 ALTER TABLE {table} ATTACH PARTITION {name}
+                     FOR VALUES FROM ('{}') TO ('{}')",
+                first_id_at(range.from),
+                first_id_at(range.to),
+            )))
+            .execute(&mut *tx)
+            .await
+        }
+        .await;
+        match outcome {
+            Ok(_) => {
+                tx.commit().await?;
+                tracing::debug!(partition = name, "created");
+                Ok(true)
+            }
+            Err(e) if given_up(&e) => {
+                tracing::info!(partition = name, error = %e, "partition not created; trying again at the next upkeep");
+                drop(tx.rollback().await);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops an expired partition; false when it must stay (the outbox's
+    /// with a pending row) or its lock was not had in time. The parent is
+    /// locked first, so that no row can be written into the range between
+    /// the check and the drop.
+    async fn drop(&self, conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
+        let (table, name) = (self.table.name(), range.name(self.table));
+        let mut tx = conn.begin().await?;
+        let outcome = async {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
+                 LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            if self.table == Table::Outbox {
+                let pending: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT EXISTS (SELECT 1 FROM {name} WHERE published_at IS NULL)"
+                )))
+                .fetch_one(&mut *tx)
+                .await?;
+                if pending {
+                    return Ok(false);
+                }
+            }
+            sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {name}")))
+                .execute(&mut *tx)
+                .await?;
+            Ok(true)
+        }
+        .await;
+        match outcome {
+            Ok(true) => {
+                tx.commit().await?;
+                tracing::debug!(partition = name, "dropped");
+                Ok(true)
+            }
+            Ok(false) => {
+                tx.rollback().await?;
+                tracing::info!(
+                    partition = name,
+                    "expired partition kept: rows in it are pending"
+                );
+                Ok(false)
+            }
+            Err(e) if given_up(&e) => {
+                tracing::debug!(partition = name, error = %e, "partition not dropped; trying again at the next upkeep");
+                drop(tx.rollback().await);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A lock not had in time, or rows in the default partition that belong
+/// in the range being attached (`check_violation`): both leave things as
+/// they are until the next upkeep.
+fn given_up(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(sqlx::error::DatabaseError::code)
+        .is_some_and(|c| c == LOCK_NOT_AVAILABLE || c == "23514")
+}
+
+/// What one upkeep did to one table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    pub created: usize,
+    pub dropped: usize,
+    /// Rows deleted from the default partition.
+    pub pruned: u64,
+}
+
+/// The retention of the outbox (`OUTBOX_RETENTION_SECS`) and of the record
+/// of processed events (`PROCESSED_RETENTION_SECS`), kept by partition.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    outbox: Kept,
+    processed: Kept,
+}
+
+impl Retention {
+    #[must_use]
+    pub fn new(cfg: &PipelineConfig) -> Self {
+        Self {
+            outbox: Kept {
+                table: Table::Outbox,
+                retention: cfg.outbox_retention,
+            },
+            processed: Kept {
+                table: Table::ProcessedEvents,
+                retention: cfg.processed_retention,
+            },
+        }
+    }
+
+    /// How often the upkeep is due: twice per outbox partition, at least
+    /// once a minute.
+    #[must_use]
+    pub fn every(&self) -> Duration {
+        Duration::from_millis(self.outbox.span_ms() / 2).min(Duration::from_secs(60))
+    }
+
+    /// Prepares the ranges ahead, drops the expired ones and prunes a batch
+    /// from the default partitions, for both tables. Returns the outbox's
+    /// and the processed events' figures.
+    pub async fn upkeep(&self, conn: &mut PgConnection) -> sqlx::Result<(Upkeep, Upkeep)> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let outbox = self.outbox.upkeep(conn, now_ms).await?;
+        let processed = self.processed.upkeep(conn, now_ms).await?;
+        Ok((outbox, processed))
+    }
+
+    /// Whether an upkeep left expired rows in a default partition.
+    #[must_use]
+    pub fn more(done: &(Upkeep, Upkeep)) -> bool {
+        let full = DEFAULT_PRUNE_BATCH.unsigned_abs();
+        done.0.pruned == full || done.1.pruned == full
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_bound_is_the_first_v7_id_of_its_millisecond() {
+        let id = Uuid::now_v7();
+        let (secs, nanos) = id.get_timestamp().expect("v7").to_unix();
+        let ms = secs * 1_000 + u64::from(nanos / 1_000_000);
+        assert!(first_id_at(ms) <= id);
+        assert!(id < first_id_at(ms + 1));
+    }
+
+    #[test]
+    fn names_round_trip_and_others_are_ignored() {
+        let r = Range {
+            from: 1_764_213_300_000,
+            to: 1_764_214_200_000,
+        };
+        let name = r.name(Table::ProcessedEvents);
+        assert_eq!(Range::parse(Table::ProcessedEvents, &name), Some(r));
+        assert_eq!(Range::parse(Table::Outbox, &name), None);
+        assert_eq!(Range::parse(Table::Outbox, "outbox_default"), None);
+        assert_eq!(
+            Range::parse(Table::Outbox, "outbox_0_17"),
+            Some(Range { from: 0, to: 17 })
+        );
+    }
+
+    #[test]
+    fn uncovered_leaves_the_gaps_around_taken_ranges() {
+        let want = Range { from: 0, to: 100 };
+        let taken = [Range { from: 0, to: 30 }, Range { from: 50, to: 60 }];
+        assert_eq!(
+            uncovered(want, &taken),
+            vec![Range { from: 30, to: 50 }, Range { from: 60, to: 100 }]
+        );
+        assert!(uncovered(Range { from: 10, to: 20 }, &[Range { from: 0, to: 30 }]).is_empty());
+    }
+
+    #[test]
+    fn spans_are_a_quarter_of_the_retention_within_bounds() {
+        let kept = |secs| Kept {
+            table: Table::Outbox,
+            retention: Duration::from_secs(secs),
+        };
+        assert_eq!(kept(3_600).span_ms(), 900_000);
+        assert_eq!(kept(1).span_ms(), 1_000);
+        assert_eq!(kept(7 * 86_400).span_ms(), 86_400_000);
+    }
+}
