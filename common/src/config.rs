@@ -232,14 +232,14 @@ pub struct PipelineConfig {
     /// `OUTBOX_POLL_INTERVAL_MS` (default 200): how often the relay looks for
     /// events when nobody woke it.
     pub outbox_poll_interval: Duration,
-    /// `OUTBOX_RETENTION_SECS` (default 3600): published rows are kept at
-    /// least this long after they were written, at most a quarter longer
-    /// (they leave by partition, `common::partitions`).
+    /// `OUTBOX_RETENTION_SECS` (default 3600): published rows older than
+    /// this are pruned.
     pub outbox_retention: Duration,
     /// `PROCESSED_RETENTION_SECS` (default 604800, 7 days): how long a
     /// consumer remembers an event it applied, so that a redelivery changes
     /// nothing. At least the topics' `retention.ms` (Kafka's default is 7
     /// days): an event delivered again after its row left is applied again.
+    /// Rows leave by partition, up to a quarter later (`common::partitions`).
     pub processed_retention: Duration,
     /// `CONSUMER_BATCH_SIZE` (default 500): records applied per transaction.
     pub consumer_batch_size: usize,

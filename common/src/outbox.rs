@@ -24,9 +24,14 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
-use crate::{
-    config::PipelineConfig, db, kafka, partitions::Retention, retry::Streak, trace_context::Carrier,
-};
+use crate::{config::PipelineConfig, db, kafka, partitions, retry::Streak, trace_context::Carrier};
+
+/// Most rows one prune statement deletes. The leader prunes one batch
+/// between two publishing rounds (about 14 ms at 14 µs a row, BENCHMARKS.md),
+/// so a backlog of expired rows never holds up publication for long: at
+/// 10,000 rows a statement, pruning until none was left, a relay once
+/// stopped publishing for four seconds.
+const PRUNE_BATCH: i64 = 1_000;
 
 /// Arbitrary constant naming the relay's advisory lock.
 const RELAY_LOCK: i64 = 0x5348_4f50_4f55_5442; // "SHOPOUTB"
@@ -226,6 +231,7 @@ impl RelayError {
 /// An outbox row waiting to be published.
 #[derive(sqlx::FromRow)]
 struct PendingRow {
+    id: i64,
     topic: String,
     key: String,
     event_type: String,
@@ -264,10 +270,10 @@ fn publish_span(row: &PendingRow) -> tracing::Span {
 /// own transaction: read the pending rows, and (once Kafka acknowledged
 /// them all) mark them. No transaction stays open while Kafka answers, and
 /// the connection runs with `synchronous_commit` off, since its only writes
-/// are marks and the partitions' upkeep, whose loss is harmless (a lost mark
-/// republishes, and consumers drop the duplicates; a lost drop or prune is
-/// done again). The leader also keeps the outbox's and `processed_events`'
-/// partitions ([`Retention::upkeep`]). The lock needs a session: behind a
+/// are marks and prunes, whose loss is harmless (a lost mark republishes,
+/// and consumers drop the duplicates; a lost prune is done again). The
+/// leader also keeps the partitions of `processed_events`
+/// ([`partitions::Retention::upkeep`]). The lock needs a session: behind a
 /// pooler, use session pooling for the relay's database connections.
 ///
 /// When the leader's connection breaks, PostgreSQL releases the lock and
@@ -279,7 +285,8 @@ pub struct Relay {
     notifier: Notifier,
     batch_size: i64,
     poll_interval: Duration,
-    retention: Retention,
+    retention: Duration,
+    processed: partitions::Retention,
 }
 
 impl Relay {
@@ -291,7 +298,8 @@ impl Relay {
             notifier: Notifier::default(),
             batch_size: cfg.outbox_batch_size,
             poll_interval: cfg.outbox_poll_interval,
-            retention: Retention::new(cfg),
+            retention: cfg.outbox_retention,
+            processed: partitions::Retention::new(cfg),
         }
     }
 
@@ -307,27 +315,31 @@ impl Relay {
     /// relay with that error, and with it the service.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut streak = Streak::new();
-        let mut last_upkeep: Option<tokio::time::Instant> = None;
-        // The last upkeep left expired rows in a default partition.
-        let mut upkeep_more = false;
+        let mut last_prune = tokio::time::Instant::now();
+        // The last prune deleted a full batch: more rows have expired.
+        let mut prune_more = false;
         let mut last_count: Option<tokio::time::Instant> = None;
         // The connection holding the lock while this relay leads.
         let mut leader: Option<PgConnection> = None;
+        let mut last_upkeep: Option<tokio::time::Instant> = None;
+        // The last upkeep left expired rows in the default partition.
+        let mut upkeep_more = false;
         loop {
-            // The leader keeps the partitions, whether or not the broker
-            // answers: writes must find their ranges prepared.
+            // The leader also keeps the partitions of processed_events,
+            // whether or not the broker answers: the consumers' writes must
+            // find their ranges prepared.
             if let Some(conn) = leader.as_mut()
                 && (upkeep_more
-                    || last_upkeep.is_none_or(|t| t.elapsed() >= self.retention.every()))
+                    || last_upkeep.is_none_or(|t| t.elapsed() >= self.processed.every()))
             {
                 last_upkeep = Some(tokio::time::Instant::now());
-                upkeep_more = match self.retention.upkeep(conn).await {
+                upkeep_more = match self.processed.upkeep(conn).await {
                     Ok(done) => {
-                        tracing::debug!(outbox = ?done.0, processed_events = ?done.1, "partition upkeep");
-                        Retention::more(&done)
+                        tracing::debug!(?done, "processed_events partitions kept");
+                        partitions::Retention::more(&done)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "partition upkeep failed");
+                        tracing::warn!(error = %e, "processed_events partition upkeep failed");
                         false
                     }
                 };
@@ -365,10 +377,30 @@ impl Relay {
                     continue;
                 }
             }
-            // Rounds back to back while the upkeep has expired rows to
-            // delete, one batch between two rounds.
+            // One batch of expired rows per round, and rounds back to back
+            // while full batches come back, so that publishing goes on
+            // between batches.
+            prune_more &= leader.is_some();
             upkeep_more &= leader.is_some();
-            if upkeep_more {
+            if let Some(conn) = leader.as_mut()
+                && (prune_more
+                    || last_prune.elapsed() >= self.retention.min(Duration::from_secs(60)))
+            {
+                last_prune = tokio::time::Instant::now();
+                prune_more = match prune(conn, self.retention).await {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::debug!(rows = n, "pruned published outbox rows");
+                        }
+                        n == PRUNE_BATCH.unsigned_abs()
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox prune failed");
+                        false
+                    }
+                };
+            }
+            if prune_more || upkeep_more {
                 if stop.is_cancelled() {
                     break;
                 }
@@ -452,7 +484,7 @@ impl Relay {
     /// Returns how many were published.
     async fn publish_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
         let rows: Vec<PendingRow> = sqlx::query_as(
-            "SELECT topic, key, event_type, event_id, payload, traceparent, tracestate
+            "SELECT id, topic, key, event_type, event_id, payload, traceparent, tracestate
              FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
         )
         .bind(self.batch_size)
@@ -483,19 +515,11 @@ impl Relay {
         drop(spans);
         // Committed without waiting for the WAL flush (the connection's
         // setting): a mark lost in a crash republishes the batch.
-        // By event id, the primary key; the batch's range of ids lets
-        // PostgreSQL skip the partitions it is not in.
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-        let (first, last) = (ids.iter().min(), ids.iter().max());
-        sqlx::query(
-            "UPDATE outbox SET published_at = now()
-             WHERE event_id = ANY($1) AND event_id BETWEEN $2 AND $3",
-        )
-        .bind(&ids)
-        .bind(first)
-        .bind(last)
-        .execute(&mut *conn)
-        .await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await?;
         crate::metrics::published(
             rows.iter()
                 .map(|r| (r.topic.as_str(), r.event_type.as_str())),
@@ -514,4 +538,28 @@ impl Relay {
             Err(e) => tracing::debug!(error = %e, "counting pending outbox rows failed"),
         }
     }
+}
+
+/// Deletes up to [`PRUNE_BATCH`] rows published longer than the retention
+/// ago, the oldest first; returns how many. There is no index on
+/// `published_at` (it would cost an entry at every mark): rows are taken
+/// in id order below the oldest pending row (the pending index finds it),
+/// which is roughly publication order. A batch with a row not yet old
+/// enough (republished after a broker change) deletes only the older ones,
+/// so rows are kept at least the retention, and at worst until those
+/// before them expire.
+async fn prune(conn: &mut PgConnection, retention: Duration) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM outbox WHERE id IN (
+             SELECT id FROM outbox
+             WHERE id < coalesce((SELECT min(id) FROM outbox WHERE published_at IS NULL),
+                                 9223372036854775807)
+             ORDER BY id LIMIT $2)
+         AND published_at < now() - make_interval(secs => $1)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_BATCH)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }

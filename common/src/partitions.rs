@@ -1,18 +1,20 @@
-//! Retention by partition: the outbox and `processed_events` are
-//! partitioned by ranges of their v7 UUID `event_id` (migrations 0006 and
-//! 0007). A v7 id begins with its creation time in Unix milliseconds, so a
-//! range of ids is a range of times. The relay leader keeps the ranges
-//! ([`Retention::upkeep`]): it creates them ahead of time and drops a whole
-//! partition once the newest time it can hold is older than the retention
-//! (for the outbox, also only when no row in it is pending). Dropping a
-//! table costs nothing per row; deleting published rows cost a statement,
-//! WAL with full-page images and vacuum work for each of about four rows
-//! per order (BENCHMARKS.md, "The cost the benchmark does not see").
+//! Retention of `processed_events` by partition (migration 0006). The
+//! table is partitioned by ranges of its v7 UUID `event_id`, which begins
+//! with its creation time in Unix milliseconds, so a range of ids is a range
+//! of times. The relay leader keeps the ranges ([`Retention::upkeep`]): it
+//! creates them ahead of time and drops a whole partition once the newest
+//! time it can hold is older than `PROCESSED_RETENTION_SECS`. Dropping a
+//! table costs nothing per row, where deleting each expired row would cost
+//! a statement, WAL with full-page images and vacuum work for three rows per
+//! order.
 //!
 //! Nothing depends on the upkeep for correctness: a row whose id falls in no
 //! range (a leader absent for longer than the ranges prepared ahead, an id
-//! that is not v7) lands in the table's default partition, which the upkeep
-//! prunes row by row.
+//! that is not v7) lands in the default partition, which the upkeep prunes
+//! row by row.
+//!
+//! The outbox stays one table: partitioned the same way, its relay's read
+//! and mark cost more than its row-by-row prune saved (BENCHMARKS.md).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,41 +37,21 @@ const SPANS_AHEAD: u64 = 2;
 /// PostgreSQL's `lock_not_available`, what `lock_timeout` raises.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
-/// One of the two tables kept by partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Table {
-    /// Partitions are dropped only when no row in them is pending.
-    Outbox,
-    ProcessedEvents,
-}
+/// PostgreSQL's `check_violation`: rows of the default partition belong in
+/// a range being attached.
+const CHECK_VIOLATION: &str = "23514";
 
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Outbox => "outbox",
-            Self::ProcessedEvents => "processed_events",
-        }
-    }
+/// The table kept by partition.
+const TABLE: &str = "processed_events";
 
-    /// Deletes up to `limit` expired rows of the default partition.
-    fn default_prune(self) -> &'static str {
-        match self {
-            Self::Outbox => {
-                "DELETE FROM outbox_default WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM outbox_default
-                     WHERE published_at < now() - make_interval(secs => $1) LIMIT $2))"
-            }
-            Self::ProcessedEvents => {
-                "DELETE FROM processed_events_default WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM processed_events_default
-                     WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2))"
-            }
-        }
-    }
-}
+/// Deletes up to `$2` rows of the default partition processed longer than
+/// `$1` seconds ago.
+const DEFAULT_PRUNE: &str = "DELETE FROM processed_events_default WHERE ctid = ANY(ARRAY(
+     SELECT ctid FROM processed_events_default
+     WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2))";
 
 /// One partition: ids created in `[from, to)`, in Unix milliseconds. Its
-/// name says its range (`outbox_<from>_<to>`), so listing the partitions
+/// name says its range (`processed_events_<from>_<to>`), so listing them
 /// needs no parsing of PostgreSQL's bound expressions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Range {
@@ -78,9 +60,9 @@ struct Range {
 }
 
 impl Range {
-    fn parse(table: Table, name: &str) -> Option<Self> {
+    fn parse(name: &str) -> Option<Self> {
         let (from, to) = name
-            .strip_prefix(table.name())?
+            .strip_prefix(TABLE)?
             .strip_prefix('_')?
             .split_once('_')?;
         Some(Self {
@@ -89,8 +71,8 @@ impl Range {
         })
     }
 
-    fn name(&self, table: Table) -> String {
-        format!("{}_{}_{}", table.name(), self.from, self.to)
+    fn name(&self) -> String {
+        format!("{TABLE}_{}_{}", self.from, self.to)
     }
 
     fn overlaps(&self, other: &Self) -> bool {
@@ -136,14 +118,30 @@ fn uncovered(want: Range, taken: &[Range]) -> Vec<Range> {
     pieces
 }
 
-/// How one table is kept.
+/// The retention of `processed_events` (`PROCESSED_RETENTION_SECS`),
+/// kept by partition.
 #[derive(Clone, Copy, Debug)]
-struct Kept {
-    table: Table,
+pub struct Retention {
     retention: Duration,
 }
 
-impl Kept {
+/// What one upkeep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    pub created: usize,
+    pub dropped: usize,
+    /// Rows deleted from the default partition.
+    pub pruned: u64,
+}
+
+impl Retention {
+    #[must_use]
+    pub fn new(cfg: &PipelineConfig) -> Self {
+        Self {
+            retention: cfg.processed_retention,
+        }
+    }
+
     /// A quarter of the retention (rows stay between 1 and 1.25 times the
     /// retention), at least a second, at most a day: a handful of
     /// partitions, whatever the retention.
@@ -156,25 +154,27 @@ impl Kept {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn ranges(&self, conn: &mut PgConnection) -> sqlx::Result<Vec<Range>> {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = $1::text::regclass",
-        )
-        .bind(self.table.name())
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut ranges: Vec<Range> = names
-            .iter()
-            .filter_map(|n| Range::parse(self.table, n))
-            .collect();
-        ranges.sort_by_key(|r| r.from);
-        Ok(ranges)
+    /// How often the upkeep is due: twice per partition, at least once a
+    /// minute.
+    #[must_use]
+    pub fn every(&self) -> Duration {
+        Duration::from_millis(self.span_ms() / 2).min(Duration::from_secs(60))
     }
 
-    async fn upkeep(&self, conn: &mut PgConnection, now_ms: u64) -> sqlx::Result<Upkeep> {
+    /// Whether an upkeep left expired rows in the default partition.
+    #[must_use]
+    pub fn more(done: &Upkeep) -> bool {
+        done.pruned == DEFAULT_PRUNE_BATCH.unsigned_abs()
+    }
+
+    /// Prepares the ranges from now to two partitions ahead, drops the
+    /// expired ones and prunes a batch from the default partition.
+    pub async fn upkeep(&self, conn: &mut PgConnection) -> sqlx::Result<Upkeep> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let mut done = Upkeep::default();
-        let ranges = self.ranges(conn).await?;
+        let ranges = ranges(conn).await?;
         let span = self.span_ms();
         let mut from = now_ms / span * span;
         while from < now_ms + SPANS_AHEAD * span {
@@ -183,18 +183,18 @@ impl Kept {
                 to: from + span,
             };
             for piece in uncovered(want, &ranges) {
-                if self.create(conn, &piece).await? {
+                if create(conn, &piece).await? {
                     done.created += 1;
                 }
             }
             from += span;
         }
         for r in &ranges {
-            if r.to.saturating_add(self.retention_ms()) <= now_ms && self.drop(conn, r).await? {
+            if r.to.saturating_add(self.retention_ms()) <= now_ms && drop_range(conn, r).await? {
                 done.dropped += 1;
             }
         }
-        done.pruned = sqlx::query(self.table.default_prune())
+        done.pruned = sqlx::query(DEFAULT_PRUNE)
             .bind(self.retention.as_secs_f64())
             .bind(DEFAULT_PRUNE_BATCH)
             .execute(&mut *conn)
@@ -202,93 +202,76 @@ impl Kept {
             .rows_affected();
         Ok(done)
     }
+}
 
-    /// Creates the partition apart and attaches it, which locks the parent
-    /// less than `CREATE TABLE … PARTITION OF` would (writers go on). False
-    /// when a lock was not had in time, or rows that belong in the range
-    /// are in the default partition already (they stay there).
-    async fn create(&self, conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
-        let (table, name) = (self.table.name(), range.name(self.table));
-        let mut tx = conn.begin().await?;
-        let outcome = async {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
-                 CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS);
-                 ALTER TABLE {table} ATTACH PARTITION {name}
-                     FOR VALUES FROM ('{}') TO ('{}')",
-                first_id_at(range.from),
-                first_id_at(range.to),
-            )))
-            .execute(&mut *tx)
-            .await
-        }
-        .await;
-        match outcome {
-            Ok(_) => {
-                tx.commit().await?;
-                tracing::debug!(partition = name, "created");
-                Ok(true)
-            }
-            Err(e) if given_up(&e) => {
-                tracing::info!(partition = name, error = %e, "partition not created; trying again at the next upkeep");
-                drop(tx.rollback().await);
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
-    }
+/// The table's partitions with a range in their name, in range order.
+async fn ranges(conn: &mut PgConnection) -> sqlx::Result<Vec<Range>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = $1::text::regclass",
+    )
+    .bind(TABLE)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut ranges: Vec<Range> = names.iter().filter_map(|n| Range::parse(n)).collect();
+    ranges.sort_by_key(|r| r.from);
+    Ok(ranges)
+}
 
-    /// Drops an expired partition; false when it must stay (the outbox's
-    /// with a pending row) or its lock was not had in time. The parent is
-    /// locked first, so that no row can be written into the range between
-    /// the check and the drop.
-    async fn drop(&self, conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
-        let (table, name) = (self.table.name(), range.name(self.table));
-        let mut tx = conn.begin().await?;
-        let outcome = async {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
-                 LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
-            )))
-            .execute(&mut *tx)
-            .await?;
-            if self.table == Table::Outbox {
-                let pending: bool = sqlx::query_scalar(AssertSqlSafe(format!(
-                    "SELECT EXISTS (SELECT 1 FROM {name} WHERE published_at IS NULL)"
-                )))
-                .fetch_one(&mut *tx)
-                .await?;
-                if pending {
-                    return Ok(false);
-                }
-            }
-            sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {name}")))
-                .execute(&mut *tx)
-                .await?;
+/// Creates the partition apart and attaches it, which locks the parent
+/// less than `CREATE TABLE … PARTITION OF` would (writers go on). False
+/// when a lock was not had in time, or rows that belong in the range are
+/// in the default partition already (they stay there).
+async fn create(conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
+    let name = range.name();
+    let mut tx = conn.begin().await?;
+    let outcome = sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
+         CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS);
+         ALTER TABLE {TABLE} ATTACH PARTITION {name}
+             FOR VALUES FROM ('{}') TO ('{}')",
+        first_id_at(range.from),
+        first_id_at(range.to),
+    )))
+    .execute(&mut *tx)
+    .await;
+    match outcome {
+        Ok(_) => {
+            tx.commit().await?;
+            tracing::debug!(partition = name, "created");
             Ok(true)
         }
-        .await;
-        match outcome {
-            Ok(true) => {
-                tx.commit().await?;
-                tracing::debug!(partition = name, "dropped");
-                Ok(true)
-            }
-            Ok(false) => {
-                tx.rollback().await?;
-                tracing::info!(
-                    partition = name,
-                    "expired partition kept: rows in it are pending"
-                );
-                Ok(false)
-            }
-            Err(e) if given_up(&e) => {
-                tracing::debug!(partition = name, error = %e, "partition not dropped; trying again at the next upkeep");
-                drop(tx.rollback().await);
-                Ok(false)
-            }
-            Err(e) => Err(e),
+        Err(e) if given_up(&e) => {
+            tracing::info!(partition = name, error = %e, "partition not created; trying again at the next upkeep");
+            drop(tx.rollback().await);
+            Ok(false)
         }
+        Err(e) => Err(e),
+    }
+}
+
+/// Drops an expired partition; false when its lock was not had in time.
+async fn drop_range(conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
+    let name = range.name();
+    let mut tx = conn.begin().await?;
+    let outcome = sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
+         DROP TABLE {name}"
+    )))
+    .execute(&mut *tx)
+    .await;
+    match outcome {
+        Ok(_) => {
+            tx.commit().await?;
+            tracing::debug!(partition = name, "dropped");
+            Ok(true)
+        }
+        Err(e) if given_up(&e) => {
+            tracing::debug!(partition = name, error = %e, "partition not dropped; trying again at the next upkeep");
+            drop(tx.rollback().await);
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -298,66 +281,7 @@ impl Kept {
 fn given_up(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(sqlx::error::DatabaseError::code)
-        .is_some_and(|c| c == LOCK_NOT_AVAILABLE || c == "23514")
-}
-
-/// What one upkeep did to one table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Upkeep {
-    pub created: usize,
-    pub dropped: usize,
-    /// Rows deleted from the default partition.
-    pub pruned: u64,
-}
-
-/// The retention of the outbox (`OUTBOX_RETENTION_SECS`) and of the record
-/// of processed events (`PROCESSED_RETENTION_SECS`), kept by partition.
-#[derive(Clone, Copy, Debug)]
-pub struct Retention {
-    outbox: Kept,
-    processed: Kept,
-}
-
-impl Retention {
-    #[must_use]
-    pub fn new(cfg: &PipelineConfig) -> Self {
-        Self {
-            outbox: Kept {
-                table: Table::Outbox,
-                retention: cfg.outbox_retention,
-            },
-            processed: Kept {
-                table: Table::ProcessedEvents,
-                retention: cfg.processed_retention,
-            },
-        }
-    }
-
-    /// How often the upkeep is due: twice per outbox partition, at least
-    /// once a minute.
-    #[must_use]
-    pub fn every(&self) -> Duration {
-        Duration::from_millis(self.outbox.span_ms() / 2).min(Duration::from_secs(60))
-    }
-
-    /// Prepares the ranges ahead, drops the expired ones and prunes a batch
-    /// from the default partitions, for both tables. Returns the outbox's
-    /// and the processed events' figures.
-    pub async fn upkeep(&self, conn: &mut PgConnection) -> sqlx::Result<(Upkeep, Upkeep)> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let outbox = self.outbox.upkeep(conn, now_ms).await?;
-        let processed = self.processed.upkeep(conn, now_ms).await?;
-        Ok((outbox, processed))
-    }
-
-    /// Whether an upkeep left expired rows in a default partition.
-    #[must_use]
-    pub fn more(done: &(Upkeep, Upkeep)) -> bool {
-        let full = DEFAULT_PRUNE_BATCH.unsigned_abs();
-        done.0.pruned == full || done.1.pruned == full
-    }
+        .is_some_and(|c| c == LOCK_NOT_AVAILABLE || c == CHECK_VIOLATION)
 }
 
 #[cfg(test)]
@@ -376,15 +300,14 @@ mod tests {
     #[test]
     fn names_round_trip_and_others_are_ignored() {
         let r = Range {
-            from: 1_764_213_300_000,
-            to: 1_764_214_200_000,
+            from: 1_795_749_300_000,
+            to: 1_795_750_200_000,
         };
-        let name = r.name(Table::ProcessedEvents);
-        assert_eq!(Range::parse(Table::ProcessedEvents, &name), Some(r));
-        assert_eq!(Range::parse(Table::Outbox, &name), None);
-        assert_eq!(Range::parse(Table::Outbox, "outbox_default"), None);
+        assert_eq!(Range::parse(&r.name()), Some(r));
+        assert_eq!(Range::parse("processed_events_default"), None);
+        assert_eq!(Range::parse("outbox_1_2"), None);
         assert_eq!(
-            Range::parse(Table::Outbox, "outbox_0_17"),
+            Range::parse("processed_events_0_17"),
             Some(Range { from: 0, to: 17 })
         );
     }
@@ -402,12 +325,12 @@ mod tests {
 
     #[test]
     fn spans_are_a_quarter_of_the_retention_within_bounds() {
-        let kept = |secs| Kept {
-            table: Table::Outbox,
+        let kept = |secs| Retention {
             retention: Duration::from_secs(secs),
         };
         assert_eq!(kept(3_600).span_ms(), 900_000);
         assert_eq!(kept(1).span_ms(), 1_000);
         assert_eq!(kept(7 * 86_400).span_ms(), 86_400_000);
+        assert_eq!(kept(7 * 86_400).every(), Duration::from_secs(60));
     }
 }

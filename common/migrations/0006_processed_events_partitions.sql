@@ -4,12 +4,13 @@
 -- it may be on a topic: PROCESSED_RETENTION_SECS (default 7 days, Kafka's
 -- default retention) must be at least the topics' retention.ms.
 --
--- Partitioned like the outbox (0006) by ranges of the UUIDv7 event_id, so
--- that a redelivered event meets its first delivery's row in the same
--- partition (the primary key stays event_id) and expired rows leave with
--- their partition. The rows already here become one partition, bounded by
--- now; outside every range, rows go to processed_events_default, pruned row
--- by row by processed_at.
+-- Partitioned by ranges of event_id: ids are UUIDv7, which begin with their
+-- creation time, so a range of ids is a range of times. A redelivered event
+-- meets its first delivery's row in the same partition (the primary key
+-- stays event_id), and expired rows leave with their partition, dropped by
+-- the relay leader (common::partitions): no DELETE, WAL or vacuum per row.
+-- The rows already here become one partition, bounded by now; rows outside
+-- every range go to processed_events_default, pruned row by row.
 ALTER TABLE processed_events RENAME TO processed_events_unpartitioned;
 ALTER INDEX processed_events_pkey RENAME TO processed_events_unpartitioned_pkey;
 
