@@ -30,6 +30,16 @@ pub enum DbError {
 /// down, reports `NOT_SERVING`, and recovers when it returns.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = cfg.url.expose().parse().map_err(DbError::Url)?;
+    // Every statement of a service finds its rows by a key or an index, and
+    // its plan is cached per connection. A plan made while a table was
+    // nearly empty scans it whole, and keeps doing so as the table grows
+    // until autovacuum analyzes it (at most once a minute per database): on
+    // a fresh database at 1,000 orders/s, payment's batch statement went
+    // from under a millisecond to over a second within 40 s, and the
+    // pipeline fell behind for half a minute (BENCHMARKS.md). With
+    // sequential scans priced out, plans take the index whatever the
+    // statistics say; a statement that has no index to use still scans.
+    let options = options.options([("enable_seqscan", "off")]);
     Ok(PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .min_connections(0)
