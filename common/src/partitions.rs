@@ -224,50 +224,46 @@ async fn ranges(conn: &mut PgConnection) -> sqlx::Result<Vec<Range>> {
 /// in the default partition already (they stay there).
 async fn create(conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
     let name = range.name();
-    let mut tx = conn.begin().await?;
-    let outcome = sqlx::raw_sql(AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
-         CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS);
+    let ddl = format!(
+        "CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS);
          ALTER TABLE {TABLE} ATTACH PARTITION {name}
              FOR VALUES FROM ('{}') TO ('{}')",
         first_id_at(range.from),
         first_id_at(range.to),
-    )))
-    .execute(&mut *tx)
-    .await;
-    match outcome {
-        Ok(_) => {
-            tx.commit().await?;
-            tracing::debug!(partition = name, "created");
-            Ok(true)
-        }
-        Err(e) if given_up(&e) => {
-            tracing::info!(partition = name, error = %e, "partition not created; trying again at the next upkeep");
-            drop(tx.rollback().await);
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    );
+    run_ddl(conn, &name, "created", ddl).await
 }
 
 /// Drops an expired partition; false when its lock was not had in time.
 async fn drop_range(conn: &mut PgConnection, range: &Range) -> sqlx::Result<bool> {
     let name = range.name();
+    let ddl = format!("DROP TABLE {name}");
+    run_ddl(conn, &name, "dropped", ddl).await
+}
+
+/// Runs `ddl` on partition `name` in a transaction that waits at most
+/// [`LOCK_TIMEOUT`] for its locks. False when it gave up (see
+/// [`given_up`]): nothing changed, the next upkeep tries again.
+async fn run_ddl(
+    conn: &mut PgConnection,
+    name: &str,
+    done: &'static str,
+    ddl: String,
+) -> sqlx::Result<bool> {
     let mut tx = conn.begin().await?;
     let outcome = sqlx::raw_sql(AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
-         DROP TABLE {name}"
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {ddl}"
     )))
     .execute(&mut *tx)
     .await;
     match outcome {
         Ok(_) => {
             tx.commit().await?;
-            tracing::debug!(partition = name, "dropped");
+            tracing::debug!(partition = name, done);
             Ok(true)
         }
         Err(e) if given_up(&e) => {
-            tracing::debug!(partition = name, error = %e, "partition not dropped; trying again at the next upkeep");
+            tracing::info!(partition = name, error = %e, "partition left as it is until the next upkeep");
             drop(tx.rollback().await);
             Ok(false)
         }

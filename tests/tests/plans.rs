@@ -15,6 +15,19 @@ use uuid::Uuid;
 
 static PAYMENT_MIGRATIONS: Migrator = sqlx::migrate!("../payment/migrations");
 
+/// Adds `n` accounts (`account-<n>` up from the count there).
+async fn add_accounts(pool: &PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
+         SELECT 'account-' || (g + (SELECT count(*) FROM accounts)), 'USD', 1000
+         FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Runs `open_run` on `conn` often enough that PostgreSQL caches its generic
 /// plan while `accounts` holds 50 analyzed rows, then grows the table to
 /// 60,050 rows (not analyzed, as autovacuum would leave it for up to a
@@ -24,13 +37,7 @@ async fn plan_after_growth(pool: &PgPool, conn: &mut PgConnection) -> String {
         currency: "USD".into(),
         credit_limit: 1_000,
     };
-    sqlx::query(
-        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
-         SELECT 'seed-' || g, 'USD', 1000 FROM generate_series(1, 50) g",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    add_accounts(pool, 50).await;
     sqlx::query("ANALYZE accounts, payments")
         .execute(pool)
         .await
@@ -43,13 +50,7 @@ async fn plan_after_growth(pool: &PgPool, conn: &mut PgConnection) -> String {
             .unwrap();
         tx.rollback().await.unwrap();
     }
-    sqlx::query(
-        "INSERT INTO accounts (customer_id, currency, credit_limit_units)
-         SELECT 'grown-' || g, 'USD', 1000 FROM generate_series(1, 60000) g",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    add_accounts(pool, 60_000).await;
     let name: String = sqlx::query_scalar(
         "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%INSERT INTO accounts%'",
     )
@@ -57,7 +58,7 @@ async fn plan_after_growth(pool: &PgPool, conn: &mut PgConnection) -> String {
     .await
     .unwrap();
     let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "EXPLAIN EXECUTE {name}('{{grown-1,grown-2}}', 'USD', 1000, '{{{}}}')",
+        "EXPLAIN EXECUTE {name}('{{account-60001,account-60002}}', 'USD', 1000, '{{{}}}')",
         Uuid::now_v7()
     )))
     .fetch_all(&mut *conn)
