@@ -315,34 +315,31 @@ impl Relay {
     /// relay with that error, and with it the service.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut streak = Streak::new();
-        let mut last_prune = tokio::time::Instant::now();
-        // The last prune deleted a full batch: more rows have expired.
-        let mut prune_more = false;
+        // The leader's two chores: the outbox's prune (first due one
+        // interval after start) and the partitions of processed_events (due
+        // at once).
+        let mut prune = Chore::after_interval();
+        let mut upkeep = Chore::at_once();
         let mut last_count: Option<tokio::time::Instant> = None;
         // The connection holding the lock while this relay leads.
         let mut leader: Option<PgConnection> = None;
-        let mut last_upkeep: Option<tokio::time::Instant> = None;
-        // The last upkeep left expired rows in the default partition.
-        let mut upkeep_more = false;
         loop {
             // The leader also keeps the partitions of processed_events,
             // whether or not the broker answers: the consumers' writes must
             // find their ranges prepared.
             if let Some(conn) = leader.as_mut()
-                && (upkeep_more
-                    || last_upkeep.is_none_or(|t| t.elapsed() >= self.processed.every()))
+                && upkeep.due(self.processed.every())
             {
-                last_upkeep = Some(tokio::time::Instant::now());
-                upkeep_more = match self.processed.upkeep(conn).await {
+                upkeep.ran(match self.processed.upkeep(conn).await {
                     Ok(done) => {
                         tracing::debug!(?done, "processed_events partitions kept");
-                        partitions::Retention::more(&done)
+                        done.more()
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "processed_events partition upkeep failed");
                         false
                     }
-                };
+                });
             }
             match self.round(&mut leader).await {
                 Ok(_) => {
@@ -379,15 +376,16 @@ impl Relay {
             }
             // One batch of expired rows per round, and rounds back to back
             // while full batches come back, so that publishing goes on
-            // between batches.
-            prune_more &= leader.is_some();
-            upkeep_more &= leader.is_some();
+            // between batches. A relay that lost the lead leaves what is
+            // left to the next leader.
+            if leader.is_none() {
+                prune.more = false;
+                upkeep.more = false;
+            }
             if let Some(conn) = leader.as_mut()
-                && (prune_more
-                    || last_prune.elapsed() >= self.retention.min(Duration::from_secs(60)))
+                && prune.due(self.retention.min(Duration::from_secs(60)))
             {
-                last_prune = tokio::time::Instant::now();
-                prune_more = match prune(conn, self.retention).await {
+                prune.ran(match prune_expired(conn, self.retention).await {
                     Ok(n) => {
                         if n > 0 {
                             tracing::debug!(rows = n, "pruned published outbox rows");
@@ -398,9 +396,9 @@ impl Relay {
                         tracing::warn!(error = %e, "outbox prune failed");
                         false
                     }
-                };
+                });
             }
-            if prune_more || upkeep_more {
+            if prune.more || upkeep.more {
                 if stop.is_cancelled() {
                     break;
                 }
@@ -540,6 +538,41 @@ impl Relay {
     }
 }
 
+/// When one of the leader's chores is due: once an interval has passed
+/// since it last ran, and at once again while its last run left work
+/// behind (rounds then go back to back, one batch of the chore between
+/// two rounds of publishing).
+struct Chore {
+    last: Option<tokio::time::Instant>,
+    /// The last run left work behind.
+    more: bool,
+}
+
+impl Chore {
+    fn at_once() -> Self {
+        Self {
+            last: None,
+            more: false,
+        }
+    }
+
+    fn after_interval() -> Self {
+        Self {
+            last: Some(tokio::time::Instant::now()),
+            more: false,
+        }
+    }
+
+    fn due(&self, every: Duration) -> bool {
+        self.more || self.last.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    fn ran(&mut self, more: bool) {
+        self.last = Some(tokio::time::Instant::now());
+        self.more = more;
+    }
+}
+
 /// Deletes up to [`PRUNE_BATCH`] rows published longer than the retention
 /// ago, the oldest first; returns how many. There is no index on
 /// `published_at` (it would cost an entry at every mark): rows are taken
@@ -548,7 +581,7 @@ impl Relay {
 /// enough (republished after a broker change) deletes only the older ones,
 /// so rows are kept at least the retention, and at worst until those
 /// before them expire.
-async fn prune(conn: &mut PgConnection, retention: Duration) -> sqlx::Result<u64> {
+async fn prune_expired(conn: &mut PgConnection, retention: Duration) -> sqlx::Result<u64> {
     Ok(sqlx::query(
         "DELETE FROM outbox WHERE id IN (
              SELECT id FROM outbox

@@ -134,6 +134,14 @@ pub struct Upkeep {
     pub pruned: u64,
 }
 
+impl Upkeep {
+    /// Whether it left expired rows in the default partition.
+    #[must_use]
+    pub fn more(&self) -> bool {
+        self.pruned == DEFAULT_PRUNE_BATCH.unsigned_abs()
+    }
+}
+
 impl Retention {
     #[must_use]
     pub fn new(cfg: &PipelineConfig) -> Self {
@@ -159,12 +167,6 @@ impl Retention {
     #[must_use]
     pub fn every(&self) -> Duration {
         Duration::from_millis(self.span_ms() / 2).min(Duration::from_secs(60))
-    }
-
-    /// Whether an upkeep left expired rows in the default partition.
-    #[must_use]
-    pub fn more(done: &Upkeep) -> bool {
-        done.pruned == DEFAULT_PRUNE_BATCH.unsigned_abs()
     }
 
     /// Prepares the ranges from now to two partitions ahead, drops the
