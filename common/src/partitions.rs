@@ -191,10 +191,13 @@ impl Retention {
             }
             from += span;
         }
+        // Oldest first, and no further than the first one left: the ranges
+        // kept are always the newest ones (what `kept_since` relies on).
         for r in &ranges {
-            if r.to.saturating_add(self.retention_ms()) <= now_ms && drop_range(conn, r).await? {
-                done.dropped += 1;
+            if r.to.saturating_add(self.retention_ms()) > now_ms || !drop_range(conn, r).await? {
+                break;
             }
+            done.dropped += 1;
         }
         done.pruned = sqlx::query(DEFAULT_PRUNE)
             .bind(self.retention.as_secs_f64())
@@ -204,6 +207,18 @@ impl Retention {
             .rows_affected();
         Ok(done)
     }
+}
+
+/// Since when (Unix milliseconds) every row is still in the table: the
+/// lower bound of the oldest range, or 0 while no range exists (nothing was
+/// dropped; the partition of the rows older than the migration is the range
+/// from 0). The upkeep drops ranges oldest first, and prunes from the
+/// default partition only rows processed longer than the retention ago,
+/// whose ids lie below every range not yet expired: no row created since
+/// this time was removed. The invariant checker compares the table with
+/// the topics from there on.
+pub async fn kept_since(conn: &mut PgConnection) -> sqlx::Result<u64> {
+    Ok(ranges(conn).await?.first().map_or(0, |r| r.from))
 }
 
 /// The table's partitions with a range in their name, in range order.

@@ -28,10 +28,13 @@
 //!   foreign key does (BENCHMARKS.md says what the keys cost).
 //!
 //! Outbox rows are pruned after `OUTBOX_RETENTION_SECS`, so the outbox
-//! check covers the rows still there; the state ⇒ event checks read the
-//! topics and cover everything.
+//! check covers the rows still there. The topics and `processed_events`
+//! forget too, so the checks that pair ids with events cover the ids
+//! created inside the [`Window`] both still hold; the checks of the state
+//! alone cover every row.
 
 mod published;
+mod window;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -42,6 +45,7 @@ use uuid::Uuid;
 use common::{config::KafkaConfig, saga, topics};
 
 use published::{Fact, Published};
+pub use window::Window;
 
 pub struct Sources {
     pub orders: PgPool,
@@ -97,6 +101,11 @@ pub struct Figures {
     /// Payment or stock statuses order recorded that disagree with what
     /// payment or inventory finally did (one per order and side).
     pub status_disagreements: i64,
+    /// Where the window of paired checks starts (Unix milliseconds), and
+    /// how many orders were created before it: their events may be gone
+    /// from the topics, so they are checked by their state alone.
+    pub window_start_ms: u64,
+    pub orders_before_window: i64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -404,6 +413,7 @@ pub async fn published_event_ids(kafka: &KafkaConfig) -> anyhow::Result<HashSet<
 pub async fn check(src: &Sources) -> anyhow::Result<Report> {
     // The databases first, then the topics: on a quiet pipeline events only
     // get added, so whatever the state implies is on the topics by then.
+    let window = Window::find(&src.kafka, [&src.orders, &src.payments, &src.inventory]).await?;
     let state = State::load(src).await?;
     let kafka = src.kafka.clone();
     let (published, dead) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -412,14 +422,15 @@ pub async fn check(src: &Sources) -> anyhow::Result<Report> {
     .await??;
 
     let mut r = Report::default();
+    r.figures.window_start_ms = window.start_ms;
     orders_and_money(&state, &mut r);
     sides_agree(&state, &mut r);
     stock(&state, &mut r);
     items_have_parents(&state, &mut r);
-    outboxes_published(&state, &published, &mut r);
-    state_implies_events(&state, &published, &mut r);
+    outboxes_published(&state, &published, window, &mut r);
+    state_implies_events(&state, &published, window, &mut r);
     no_event_twice(&published, &mut r);
-    events_applied(&state, &published, &dead, &mut r);
+    events_applied(&state, &published, &dead, window, &mut r);
     Ok(r)
 }
 
@@ -627,10 +638,10 @@ fn items_have_parents(s: &State, r: &mut Report) {
     }
 }
 
-/// Every outbox row was published, and every row marked published is on
-/// the topics. (Event ids are unique across topics, so the check does not
-/// depend on the topic prefix the rows were written with.)
-fn outboxes_published(s: &State, published: &Published, r: &mut Report) {
+/// Every outbox row was published, and every row marked published inside
+/// the window is on the topics. (Event ids are unique across topics, so the
+/// check does not depend on the topic prefix the rows were written with.)
+fn outboxes_published(s: &State, published: &Published, window: Window, r: &mut Report) {
     let (f, v) = (&mut r.figures, &mut r.violations);
     for d in &s.delivery {
         let pending: Vec<String> = d
@@ -642,7 +653,11 @@ fn outboxes_published(s: &State, published: &Published, r: &mut Report) {
         let lost: Vec<String> = d
             .outbox
             .iter()
-            .filter(|row| row.published && !published.event_ids.contains(&row.event_id))
+            .filter(|row| {
+                row.published
+                    && window.holds(&row.event_id)
+                    && !published.event_ids.contains(&row.event_id)
+            })
             .map(|row| format!("{} {}", row.event_type, row.event_id))
             .collect();
         *f.outbox_rows.slot(d.service) = count(d.outbox.len());
@@ -664,11 +679,18 @@ fn outboxes_published(s: &State, published: &Published, r: &mut Report) {
     }
 }
 
-/// Every event a service's state implies is on that service's topic.
-fn state_implies_events(s: &State, published: &Published, r: &mut Report) {
+/// Every event a service's state implies about an order of the window is
+/// on that service's topic.
+fn state_implies_events(s: &State, published: &Published, window: Window, r: &mut Report) {
+    r.figures.orders_before_window = count(
+        s.orders
+            .iter()
+            .filter(|o| !window.holds(&o.order_id))
+            .count(),
+    );
     let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut need = |whose: &str, order_id: Uuid, fact: Fact| {
-        if published.count(order_id, fact) == 0 {
+        if window.holds(&order_id) && published.count(order_id, fact) == 0 {
             missing
                 .entry(format!(
                     "{whose} without {} on topic `{}`",
@@ -765,10 +787,17 @@ fn no_event_twice(published: &Published, r: &mut Report) {
     }
 }
 
-/// Every valid event was applied exactly once by each service that acts on
-/// it, unless it was dead-lettered; every dead letter was counted by the
+/// Every valid event of the window was applied exactly once by each service
+/// that acts on it, unless it was dead-lettered, and every event applied in
+/// the window is on the topics; every dead letter was counted by the
 /// consumer that wrote it.
-fn events_applied(s: &State, published: &Published, dead: &DeadLetters, r: &mut Report) {
+fn events_applied(
+    s: &State,
+    published: &Published,
+    dead: &DeadLetters,
+    window: Window,
+    r: &mut Report,
+) {
     let (f, v) = (&mut r.figures, &mut r.violations);
     f.event_records = published.records;
     f.duplicate_records = published.duplicates;
@@ -779,12 +808,16 @@ fn events_applied(s: &State, published: &Published, dead: &DeadLetters, r: &mut 
         let dead_here = dead.of(d.service);
         let missing = expected
             .iter()
-            .filter(|id| !d.processed.contains(id) && !dead_here.contains(id))
+            .filter(|id| window.holds(id) && !d.processed.contains(id) && !dead_here.contains(id))
             .count();
         if missing > 0 {
             v.push(format!("{}: {missing} events never applied", d.service));
         }
-        let unexpected = d.processed.difference(&expected).count();
+        let unexpected = d
+            .processed
+            .iter()
+            .filter(|id| window.holds(id) && !expected.contains(id))
+            .count();
         if unexpected > 0 {
             v.push(format!(
                 "{}: {unexpected} applied events are not on the topics",

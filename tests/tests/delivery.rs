@@ -656,6 +656,117 @@ async fn invariant_checker_finds_outbox_rows_that_never_reached_a_topic() {
     assert_clean(src).await;
 }
 
+/// A v7 id created at `ms` (Unix milliseconds).
+fn id_at(ms: u64) -> uuid::Uuid {
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1_000, 0);
+    uuid::Uuid::new_v7(ts)
+}
+
+/// Records a `PaymentRefunded` about a made-up order, which only order's
+/// consumer would apply (nothing about it is in the state).
+async fn publish_refund(kafka: &KafkaConfig, event_id: uuid::Uuid) {
+    let event = events::PaymentRefunded {
+        event_id: event_id.to_string(),
+        order_id: id_at(event_id_ms(event_id)).to_string(),
+        customer_id: "CUST-W1".into(),
+        ..Default::default()
+    };
+    let payload = event.encode_to_vec();
+    let topic = kafka.topic("payments");
+    send(
+        &common::kafka::producer(kafka).unwrap(),
+        FutureRecord::to(&topic)
+            .key(event.customer_id.as_bytes())
+            .payload(payload.as_slice())
+            .headers(common::kafka::event_headers(
+                events::PaymentRefunded::EVENT_TYPE,
+                &event_id,
+            )),
+    )
+    .await;
+}
+
+fn event_id_ms(id: uuid::Uuid) -> u64 {
+    let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+    secs * 1_000 + u64::from(nanos) / 1_000_000
+}
+
+async fn mark_processed(db: &sqlx::PgPool, event_id: uuid::Uuid) {
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, event_type, topic, partition, kafka_offset)
+         VALUES ($1, 'shop.payment.v1.PaymentRefunded', 'w', 0, 0)",
+    )
+    .bind(event_id)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invariant_checker_pairs_ids_only_where_topics_and_processed_events_still_hold_them() {
+    // Topics keep records for their retention.ms and each service drops its
+    // processed_events partitions after PROCESSED_RETENTION_SECS: history
+    // older than either is gone from one side, and must not read as lost.
+    let run = settled_run().await;
+    let src = &run.sources;
+    let first_order = event_id_ms(run.confirmed.parse().unwrap());
+    let report = shopctl::invariants::check(src).await.unwrap();
+    let start = report.figures.window_start_ms;
+    assert!(
+        0 < start && start <= first_order,
+        "the topics' retention bounds the window and this run is inside it: {start}"
+    );
+    assert_eq!(report.figures.orders_before_window, 0);
+
+    // Payment's relay drops its oldest partition once expired (here by
+    // hand, the migration's partition of the rows that predate it): the
+    // window then starts where payment's oldest kept partition does.
+    let oldest: String = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'processed_events'::regclass ORDER BY 1 LIMIT 1",
+    )
+    .fetch_one(&src.payments)
+    .await
+    .unwrap();
+    assert!(oldest.starts_with("processed_events_0_"), "{oldest}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {oldest}")))
+        .execute(&src.payments)
+        .await
+        .unwrap();
+    let kept = common::partitions::kept_since(&mut src.payments.acquire().await.unwrap())
+        .await
+        .unwrap();
+    assert!(kept > start, "{kept}");
+    let report = shopctl::invariants::check(src).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.violations);
+    assert_eq!(report.figures.window_start_ms, kept);
+
+    // Before the window, on both sides: an event no service applied (an
+    // outbox row of long ago republished) and an applied event no topic
+    // holds any more. Neither is reported.
+    publish_refund(&src.kafka, id_at(kept - 3_600_000)).await;
+    mark_processed(&src.payments, id_at(kept - 7_200_000)).await;
+    assert_clean(src).await;
+
+    // Inside the window both are: first the unapplied event...
+    let recent = uuid::Uuid::now_v7();
+    publish_refund(&src.kafka, recent).await;
+    let (violation, _) = one_violation(src).await;
+    assert!(
+        violation.contains("order: 1 events never applied"),
+        "{violation}"
+    );
+    mark_processed(&src.orders, recent).await;
+    assert_clean(src).await;
+    // ...then the applied event that is on no topic.
+    mark_processed(&src.payments, uuid::Uuid::now_v7()).await;
+    let (violation, _) = one_violation(src).await;
+    assert!(
+        violation.contains("payment: 1 applied events are not on the topics"),
+        "{violation}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invariant_checker_finds_events_the_state_implies_missing_from_the_topics() {
     let run = settled_run().await;

@@ -5,7 +5,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{config::PipelineConfig, partitions::Retention};
+use common::{
+    config::PipelineConfig,
+    partitions::{self, Retention},
+};
 use e2e::{create_database, eventually, unique_id};
 use sqlx::{PgPool, migrate::Migrator};
 use tokio_util::sync::CancellationToken;
@@ -130,6 +133,11 @@ async fn upkeep_prepares_ranges_ahead_and_drops_expired_ones() {
     })
     .await;
     assert!(now_ms() >= home_to + 2_000, "dropped only once expired");
+    // Everything from the oldest range left on is kept, and that is after
+    // the dropped range (what the invariant checker pairs with the topics).
+    let kept_since = partitions::kept_since(&mut conn).await.unwrap();
+    assert!(kept_since >= home_to, "{kept_since} < {home_to}");
+    assert!(kept_since <= now_ms());
     // An id of a dropped range is still recorded (in the default
     // partition), and new ones find a range.
     insert_processed(&pool, second).await;
