@@ -296,14 +296,16 @@ pub(crate) fn consumed(topic: &str, event_type: Option<&str>, outcome: Outcome) 
     count_on_commit(EVENTS_CONSUMED, labels, 1);
 }
 
-/// A run of `events` records of `topic` applied set-based by a saga
+/// A run of `events` records of `topic`, all of `event_type`
+/// (`OrderCreated` or `OrderCancelled`), applied set-based by a saga
 /// `side`; counts when the transaction commits (see [`on_commit`]), so a
 /// batch that fell back to one record at a time counts nothing here.
-pub fn set_based_run(topic: &str, side: &'static str, events: u64) {
+pub fn set_based_run(topic: &str, side: &'static str, event_type: &'static str, events: u64) {
     let labels = || {
         vec![
             Label::new("topic", topic.to_owned()),
             Label::new("side", side),
+            Label::new("event_type", event_type),
         ]
     };
     count_on_commit(SET_BASED_RUNS, labels(), 1);

@@ -10,13 +10,16 @@
 //! the same constants.
 //!
 //! A consumer batch reaches a side in runs: [`OrderSideHandler`] splits the
-//! batch's new events into maximal runs of consecutive `OrderCreated`,
-//! handed at once to [`OrderSide::created_all`] (which payment and inventory
-//! apply in a few set-based statements, whatever the run's length), and
-//! handles each `OrderCancelled` alone at its place. Cancellations are rare,
-//! and an order's cancellation must see its creation applied (or not yet)
-//! exactly as it would one event at a time. When the batch fails, the
-//! consume loop replays it one record per transaction through
+//! batch's new events into maximal runs of consecutive `OrderCreated` and
+//! of consecutive `OrderCancelled`, handed at once to
+//! [`OrderSide::created_all`] and [`OrderSide::compensate_all`] (which
+//! payment and inventory apply in a few set-based statements, whatever the
+//! run's length). Runs are applied in the batch's order, so an order's
+//! cancellation sees its creation applied (or not yet) exactly as it would
+//! one event at a time. Cancellations come in bulk when they come: a product
+//! sold out cancels every order that asks for it, and the deadline sweeper
+//! cancels every order a slow pipeline left undecided. When the batch fails,
+//! the consume loop replays it one record per transaction through
 //! [`OrderSideHandler`]'s `apply`, the per-record path that isolates a bad
 //! record.
 
@@ -72,6 +75,16 @@ pub struct NewOrder<'a> {
     pub event: OrderCreated,
 }
 
+/// A cancellation of a run handed to [`OrderSide::compensate_all`]: its
+/// order id is parsed already.
+#[derive(Debug)]
+pub struct CancelledOrder<'a> {
+    /// The record it came in, whose span the side's events continue.
+    pub meta: &'a EventMeta,
+    pub order_id: Uuid,
+    pub event: OrderCancelled,
+}
+
 /// One side of the saga (payment or inventory): what it does when an order
 /// is created and when it is cancelled. Each step runs in the consume
 /// loop's transaction and publishes its result through the outbox.
@@ -120,6 +133,31 @@ pub trait OrderSide: Send + Sync + 'static {
         event: &OrderCancelled,
     ) -> impl Future<Output = Result<bool, HandlerError>> + Send;
 
+    /// Compensates a run of cancellations (consecutive `OrderCancelled` of
+    /// one batch, in their order, possibly naming one order twice) with
+    /// exactly the effect of [`OrderSide::compensate`] on each in turn, and
+    /// returns what each would have returned. The default does just that,
+    /// one by one; a side overrides it to apply the run set-based. As with
+    /// [`OrderSide::created_all`], an error fails the batch, which is then
+    /// replayed one record at a time.
+    fn compensate_all(
+        &self,
+        conn: &mut PgConnection,
+        orders: &[CancelledOrder<'_>],
+    ) -> impl Future<Output = Result<Vec<bool>, HandlerError>> + Send {
+        async move {
+            let mut found = Vec::with_capacity(orders.len());
+            for order in orders {
+                found.push(
+                    self.compensate(conn, order.order_id, &order.event)
+                        .instrument(order.meta.span.clone())
+                        .await?,
+                );
+            }
+            Ok(found)
+        }
+    }
+
     /// Writes the record of an order cancelled before its creation arrived
     /// (it makes a late [`OrderSide::created`] do nothing), unless the order
     /// has a record by now; returns whether it wrote it. Inserting waits for
@@ -163,44 +201,52 @@ impl<S: OrderSide> EventHandler for OrderSideHandler<S> {
         }
     }
 
-    /// Runs of `OrderCreated` go to [`OrderSide::created_all`] at once;
-    /// each `OrderCancelled` is applied alone, after the run before it and
-    /// before the one after it, as one event at a time would.
+    /// Runs of `OrderCreated` go to [`OrderSide::created_all`] at once,
+    /// runs of `OrderCancelled` to [`OrderSide::compensate_all`], each run
+    /// after the one before it, as one event at a time would.
     async fn apply_all(
         &self,
         conn: &mut PgConnection,
         events: Vec<(&EventMeta, OrderEvent)>,
     ) -> Result<(), HandlerError> {
-        let mut run = Vec::new();
+        let mut created = Vec::new();
+        let mut cancelled = Vec::new();
         for (meta, event) in events {
             match event {
                 OrderEvent::Created(e) => {
+                    self.cancel_all(conn, std::mem::take(&mut cancelled))
+                        .await?;
                     meta.span.record("order_id", e.order_id.as_str());
                     // A bad record fails the batch; the per-record replay
                     // dead-letters it.
                     let order_id = parse_id("order id", &e.order_id)?;
                     require_customer(&e.customer_id, order_id)?;
-                    run.push(NewOrder {
+                    created.push(NewOrder {
                         meta,
                         order_id,
                         event: e,
                     });
                 }
                 OrderEvent::Cancelled(e) => {
-                    if !run.is_empty() {
-                        self.0.created_all(conn, std::mem::take(&mut run)).await?;
+                    if !created.is_empty() {
+                        self.0
+                            .created_all(conn, std::mem::take(&mut created))
+                            .await?;
                     }
                     meta.span.record("order_id", e.order_id.as_str());
-                    self.cancelled(conn, e)
-                        .instrument(meta.span.clone())
-                        .await?;
+                    let order_id = parse_id("order id", &e.order_id)?;
+                    cancelled.push(CancelledOrder {
+                        meta,
+                        order_id,
+                        event: e,
+                    });
                 }
             }
         }
-        if !run.is_empty() {
-            self.0.created_all(conn, run).await?;
+        if !created.is_empty() {
+            self.0.created_all(conn, created).await?;
         }
-        Ok(())
+        self.cancel_all(conn, cancelled).await
     }
 }
 
@@ -214,6 +260,42 @@ impl<S: OrderSide> OrderSideHandler<S> {
         if self.0.compensate(conn, order_id, &e).await? {
             return Ok(());
         }
+        self.without_record(conn, order_id, &e).await
+    }
+
+    /// A run of cancellations: compensated at once, then those whose order
+    /// this side has no record of yet get their markers, in run order. (One
+    /// at a time, a marker would be written between the compensations
+    /// before and after it; markers publish nothing and touch no other
+    /// order's rows, so the outcome is the same.)
+    async fn cancel_all(
+        &self,
+        conn: &mut PgConnection,
+        run: Vec<CancelledOrder<'_>>,
+    ) -> Result<(), HandlerError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let found = self.0.compensate_all(conn, &run).await?;
+        for (order, found) in run.iter().zip(found) {
+            if !found {
+                self.without_record(conn, order.order_id, &order.event)
+                    .instrument(order.meta.span.clone())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A cancellation of an order this side has no record of: marks it
+    /// cancelled first, or, if its creation committed meanwhile, undoes
+    /// that.
+    async fn without_record(
+        &self,
+        conn: &mut PgConnection,
+        order_id: Uuid,
+        e: &OrderCancelled,
+    ) -> Result<(), HandlerError> {
         require_customer(&e.customer_id, order_id)?;
         if self
             .0
@@ -225,7 +307,7 @@ impl<S: OrderSide> OrderSideHandler<S> {
         }
         // The marker lost to the order's creation, which committed while
         // the insert waited: undo what it did.
-        if self.0.compensate(conn, order_id, &e).await? {
+        if self.0.compensate(conn, order_id, e).await? {
             Ok(())
         } else {
             Err(HandlerError::Permanent(format!(

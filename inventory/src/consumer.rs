@@ -21,16 +21,19 @@
 //! stock the orders before it left ([`Shelf`]), and each product's row
 //! updated once with its net change. Updating a popular product's row once
 //! per order made every later lookup in the transaction walk a growing
-//! chain of row versions. [`OrderSide::created`] is the per-record path the
-//! consume loop falls back to when a batch fails; both must decide alike.
+//! chain of row versions. A run of `OrderCancelled` is released the same
+//! way ([`OrderSide::compensate_all`]): three statements for the run, each
+//! product's row updated once. [`OrderSide::created`] and
+//! [`OrderSide::compensate`] are the per-record paths the consume loop
+//! falls back to when a batch fails; both must decide alike.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::{
     consumer::HandlerError,
     metrics,
     outbox::{self, OutboxEvent},
-    saga::{CANCELLED_BEFORE_RESERVATION, NewOrder, OrderSide},
+    saga::{CANCELLED_BEFORE_RESERVATION, CancelledOrder, NewOrder, OrderSide},
 };
 use shop_proto::{EventName, events};
 use sqlx::PgConnection;
@@ -220,7 +223,12 @@ impl OrderSide for Reservations {
             // the reservations, items, stock and events at once
             statements += 1;
         }
-        metrics::set_based_run(&orders[0].meta.topic, "inventory", orders.len() as u64);
+        metrics::set_based_run(
+            &orders[0].meta.topic,
+            "inventory",
+            events::OrderCreated::EVENT_TYPE,
+            orders.len() as u64,
+        );
         tracing::debug!(
             orders = orders.len(),
             statements,
@@ -256,18 +264,89 @@ impl OrderSide for Reservations {
             )));
         }
         store::mark_released(conn, order_id, &e.reason).await?;
-        let event_id = Uuid::now_v7();
-        let event = events::InventoryReleased {
-            event_id: event_id.to_string(),
-            occurred_at: Some(common::time::now()),
-            order_id: e.order_id.clone(),
-            customer_id: reservation.customer_id.clone(),
-            items: stock_lines(&lines),
-            reason: e.reason.clone(),
-        };
-        self.publish(conn, &reservation.customer_id, event_id, &event)
-            .await?;
+        let out = self.released(e, &reservation.customer_id, &lines);
+        outbox::enqueue(conn, &[out]).await?;
         Ok(true)
+    }
+
+    /// The same as [`Reservations::compensate`] on each cancellation in
+    /// turn, in three statements for the whole run: lock the run's
+    /// reservations and read the items of the RESERVED ones
+    /// ([`store::open_releases`]), lock their stock rows in product order
+    /// ([`store::lock_stock`]), release in memory in event order (a second
+    /// cancellation of an order finds it released), then write each
+    /// product's net units once, the reservations and the events
+    /// ([`store::write_releases`]).
+    async fn compensate_all(
+        &self,
+        conn: &mut PgConnection,
+        orders: &[CancelledOrder<'_>],
+    ) -> Result<Vec<bool>, HandlerError> {
+        let mut ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut held = store::open_releases(conn, &ids).await?;
+        let products: BTreeSet<&str> = held
+            .values()
+            .flat_map(|h| h.lines.iter().map(|l| l.product_id.as_str()))
+            .collect();
+        let mut given: BTreeMap<String, i64> = BTreeMap::new();
+        if !products.is_empty() {
+            let products: Vec<&str> = products.into_iter().collect();
+            let locked = store::lock_stock(conn, &products).await?;
+            given = locked.into_keys().map(|p| (p, 0)).collect();
+        }
+        let mut found = Vec::with_capacity(orders.len());
+        let mut released = Vec::new();
+        let mut events = Vec::new();
+        for order in orders {
+            let order_id = order.order_id;
+            let Some(h) = held.get_mut(&order_id) else {
+                found.push(false);
+                continue;
+            };
+            found.push(true);
+            if h.reservation.status != Status::Reserved {
+                continue; // rejected or released already: nothing to give back
+            }
+            for line in &h.lines {
+                let units = given.get_mut(&line.product_id).ok_or_else(|| {
+                    HandlerError::Permanent(format!(
+                        "order {order_id}: product {} of its reservation has no stock row",
+                        line.product_id
+                    ))
+                })?;
+                *units += i64::from(line.quantity);
+            }
+            h.reservation.status = Status::Released;
+            released.push((order_id, order.event.reason.as_str()));
+            events.push(
+                self.released(&order.event, &h.reservation.customer_id, &h.lines)
+                    .caused_by(&order.meta.span),
+            );
+        }
+        if !released.is_empty() {
+            let given: Vec<(&str, i64)> = given
+                .iter()
+                .filter(|(_, units)| **units != 0)
+                .map(|(p, units)| (p.as_str(), *units))
+                .collect();
+            let moved = store::write_releases(conn, &released, &given, &events).await?;
+            if usize::try_from(moved) != Ok(given.len()) {
+                // Cannot happen: every row was locked and found above.
+                return Err(HandlerError::Permanent(format!(
+                    "released {moved} of {} stock rows",
+                    given.len()
+                )));
+            }
+        }
+        metrics::set_based_run(
+            &orders[0].meta.topic,
+            "inventory",
+            events::OrderCancelled::EVENT_TYPE,
+            orders.len() as u64,
+        );
+        Ok(found)
     }
 
     /// A REJECTED reservation of nothing: the late `OrderCreated` reserves
@@ -323,15 +402,22 @@ impl Reservations {
     }
 
     /// Enqueues `message` on the `inventory` topic, keyed by customer.
-    async fn publish<M: prost::Message + EventName>(
+    /// The `InventoryReleased` that publishes a release, keyed by customer.
+    fn released(
         &self,
-        conn: &mut PgConnection,
+        e: &events::OrderCancelled,
         customer_id: &str,
-        event_id: Uuid,
-        message: &M,
-    ) -> Result<(), HandlerError> {
-        let out = OutboxEvent::new(self.inventory_topic.clone(), customer_id, event_id, message);
-        outbox::enqueue(conn, &[out]).await?;
-        Ok(())
+        lines: &[Line],
+    ) -> OutboxEvent {
+        let event_id = Uuid::now_v7();
+        let event = events::InventoryReleased {
+            event_id: event_id.to_string(),
+            occurred_at: Some(common::time::now()),
+            order_id: e.order_id.clone(),
+            customer_id: customer_id.to_owned(),
+            items: stock_lines(lines),
+            reason: e.reason.clone(),
+        };
+        OutboxEvent::new(self.inventory_topic.clone(), customer_id, event_id, &event)
     }
 }

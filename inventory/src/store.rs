@@ -4,7 +4,7 @@
 //! (the consume loop's); the reservation handler in [`crate::consumer`]
 //! decides what to call and enqueues events in the same transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::{
     catalog,
@@ -386,6 +386,109 @@ pub async fn reservation_items(conn: &mut PgConnection, order_id: Uuid) -> sqlx:
     .bind(order_id)
     .fetch_all(conn)
     .await
+}
+
+/// A reservation of a run of cancellations and one of its items (none
+/// when it holds no stock), as [`open_releases`] reads them.
+#[derive(sqlx::FromRow)]
+struct ReleaseRow {
+    order_id: Uuid,
+    #[sqlx(flatten)]
+    reservation: ReservationRow,
+    product_id: Option<String>,
+    quantity: Option<i32>,
+}
+
+/// A reservation of a run of cancellations with its items in product
+/// order (those of a RESERVED one: the stock to give back).
+#[derive(Debug)]
+pub struct Held {
+    pub reservation: ReservationRow,
+    pub lines: Vec<Line>,
+}
+
+/// Opens a run of cancellations in one statement (one round trip): locks
+/// the reservations of `order_ids` in order id order until the
+/// transaction ends, as [`lock_reservation`] does one at a time, and reads
+/// the items of the RESERVED ones. The caller then locks their stock rows
+/// ([`lock_stock`]): reservations before stock, like one order at a time.
+pub async fn open_releases(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> sqlx::Result<HashMap<Uuid, Held>> {
+    // Stored as BIGINT; written from i32 quantities, so the cast holds.
+    let rows: Vec<ReleaseRow> = sqlx::query_as(
+        "WITH r AS (
+             SELECT order_id, customer_id, status FROM reservations
+             WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE
+         )
+         SELECT r.order_id, r.customer_id, r.status, i.product_id, i.quantity::int4 AS quantity
+         FROM r LEFT JOIN reservation_items i
+              ON i.order_id = r.order_id AND r.status = 'RESERVED'
+         ORDER BY r.order_id, i.product_id",
+    )
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await?;
+    let mut held: HashMap<Uuid, Held> = HashMap::new();
+    for row in rows {
+        let entry = held.entry(row.order_id).or_insert_with(|| Held {
+            reservation: row.reservation,
+            lines: Vec::new(),
+        });
+        if let (Some(product_id), Some(quantity)) = (row.product_id, row.quantity) {
+            entry.lines.push(Line {
+                product_id,
+                quantity,
+            });
+        }
+    }
+    Ok(held)
+}
+
+/// Writes a run's releases in one statement (one round trip): the units
+/// each product gets back (`given`: one entry per product, rows locked by
+/// the caller), the reservations RELEASED with their reasons, and the
+/// events. Returns how many stock rows changed.
+pub async fn write_releases(
+    conn: &mut PgConnection,
+    released: &[(Uuid, &str)],
+    given: &[(&str, i64)],
+    events: &[OutboxEvent],
+) -> sqlx::Result<u64> {
+    let (ids, reasons): (Vec<Uuid>, Vec<&str>) = released.iter().copied().unzip();
+    let (products, units): (Vec<&str>, Vec<i64>) = given.iter().copied().unzip();
+    let span = outbox::write_span_of(events);
+    let trace = Carrier::of(&span);
+    let columns = outbox::Columns::of(events, &trace);
+    // $1..$7 are the outbox's columns (outbox::Columns).
+    let query = columns.bind(sqlx::query(concat!(
+        "WITH released AS (
+             UPDATE reservations r SET status = 'RELEASED', reason = x.reason, updated_at = now()
+             FROM UNNEST($8::uuid[], $9::text[]) AS x(order_id, reason)
+             WHERE r.order_id = x.order_id
+         ), moved AS (
+             UPDATE stock s
+             SET available = s.available + g.quantity, reserved = s.reserved - g.quantity,
+                 updated_at = now()
+             FROM UNNEST($10::text[], $11::bigint[]) AS g(product_id, quantity)
+             WHERE s.product_id = g.product_id
+             RETURNING 1
+         ), events AS (",
+        common::outbox_insert_unnest!(),
+        ")
+         SELECT count(*) FROM moved",
+    )));
+    let moved: i64 = query
+        .bind(&ids)
+        .bind(&reasons)
+        .bind(&products)
+        .bind(&units)
+        .fetch_one(conn)
+        .instrument(span)
+        .await?
+        .try_get(0)?;
+    Ok(u64::try_from(moved).unwrap_or(0))
 }
 
 /// Marks a reservation RELEASED with the order's cancel reason.

@@ -13,22 +13,25 @@
 //! ([`OrderSide::created_all`]): two statements for the run instead of five
 //! per order, the accounts locked once in customer order and each decision
 //! taken in memory in event order against the credit the orders before it
-//! left ([`Books`]). [`OrderSide::created`] is the per-record path the
-//! consume loop falls back to when a batch fails; both must decide alike.
+//! left ([`Books`]). A run of `OrderCancelled` is refunded the same way
+//! ([`OrderSide::compensate_all`]): two statements for the run.
+//! [`OrderSide::created`] and [`OrderSide::compensate`] are the per-record
+//! paths the consume loop falls back to when a batch fails; both must
+//! decide alike.
 
 use common::{
     consumer::HandlerError,
     metrics,
     outbox::{self, OutboxEvent},
-    saga::{CANCELLED_BEFORE_PAYMENT, NewOrder, OrderSide},
+    saga::{CANCELLED_BEFORE_PAYMENT, CancelledOrder, NewOrder, OrderSide},
 };
-use shop_proto::{common::Money, events};
+use shop_proto::{EventName, common::Money, events};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
     domain::{self, AccountDefaults, Books, Decision, Status},
-    store::{self, NewPayment},
+    store::{self, NewPayment, PaymentRow},
 };
 
 /// Refund reason when the cancellation gave none.
@@ -53,6 +56,15 @@ fn checked_total(order_id: Uuid, e: &events::OrderCreated) -> Result<&Money, Han
         )));
     }
     Ok(total)
+}
+
+/// The refund reason: the cancellation's, or a default when it gave none.
+fn refund_reason(e: &events::OrderCancelled) -> &str {
+    if e.reason.is_empty() {
+        DEFAULT_CANCEL_REASON
+    } else {
+        e.reason.as_str()
+    }
 }
 
 /// A decision as stored: status and reason.
@@ -96,6 +108,52 @@ impl Payments {
         };
         OutboxEvent::new(self.payments_topic.clone(), customer_id, event_id, &event)
     }
+
+    /// The `PaymentRefunded` that publishes a refund, keyed by customer.
+    fn refunded(&self, order_id: Uuid, payment: &PaymentRow, reason: &str) -> OutboxEvent {
+        let event_id = Uuid::now_v7();
+        let event = events::PaymentRefunded {
+            event_id: event_id.to_string(),
+            occurred_at: Some(common::time::now()),
+            order_id: order_id.to_string(),
+            customer_id: payment.customer_id.clone(),
+            amount: Some(Money {
+                currency: payment.currency.clone(),
+                units: payment.amount,
+            }),
+            reason: reason.to_owned(),
+        };
+        OutboxEvent::new(
+            self.payments_topic.clone(),
+            &payment.customer_id,
+            event_id,
+            &event,
+        )
+    }
+}
+
+/// The credit in use after refunding `payment`, or why it cannot be.
+fn released(
+    order_id: Uuid,
+    payment: &PaymentRow,
+    used: i64,
+    account_currency: &str,
+) -> Result<i64, HandlerError> {
+    domain::release(used, payment.amount).ok_or_else(|| {
+        HandlerError::Permanent(format!(
+            "refund of {} for order {order_id} exceeds the {} in use by {}",
+            domain::money_text(payment.amount, &payment.currency),
+            domain::money_text(used, account_currency),
+            payment.customer_id
+        ))
+    })
+}
+
+/// The error of an approved payment whose account is gone.
+fn no_account(order_id: Uuid, customer_id: &str) -> HandlerError {
+    HandlerError::Permanent(format!(
+        "order {order_id} was paid from account {customer_id}, which does not exist"
+    ))
 }
 
 impl OrderSide for Payments {
@@ -235,7 +293,12 @@ impl OrderSide for Payments {
             }
         }
         let topic = &orders[0].meta.topic;
-        metrics::set_based_run(topic, "payment", orders.len() as u64);
+        metrics::set_based_run(
+            topic,
+            "payment",
+            events::OrderCreated::EVENT_TYPE,
+            orders.len() as u64,
+        );
         tracing::debug!(
             orders = orders.len(),
             decided = decided.len(),
@@ -264,42 +327,80 @@ impl OrderSide for Payments {
         let customer_id = payment.customer_id.as_str();
         let credit = store::lock_account(conn, customer_id)
             .await?
-            .ok_or_else(|| {
-                HandlerError::Permanent(format!(
-                    "order {order_id} was paid from account {customer_id}, which does not exist"
-                ))
-            })?;
-        let used = domain::release(credit.used, payment.amount).ok_or_else(|| {
-            HandlerError::Permanent(format!(
-                "refund of {} for order {order_id} exceeds the {} in use by {customer_id}",
-                domain::money_text(payment.amount, &payment.currency),
-                domain::money_text(credit.used, &credit.currency)
-            ))
-        })?;
-        let reason = if e.reason.is_empty() {
-            DEFAULT_CANCEL_REASON
-        } else {
-            e.reason.as_str()
-        };
+            .ok_or_else(|| no_account(order_id, customer_id))?;
+        let used = released(order_id, &payment, credit.used, &credit.currency)?;
+        let reason = refund_reason(e);
         store::set_used(conn, customer_id, used).await?;
         store::mark_refunded(conn, order_id, reason).await?;
         tracing::debug!(%order_id, customer_id, reason, "payment refunded");
-
-        let event_id = Uuid::now_v7();
-        let event = events::PaymentRefunded {
-            event_id: event_id.to_string(),
-            occurred_at: Some(common::time::now()),
-            order_id: order_id.to_string(),
-            customer_id: customer_id.to_owned(),
-            amount: Some(Money {
-                currency: payment.currency.clone(),
-                units: payment.amount,
-            }),
-            reason: reason.to_owned(),
-        };
-        let out = OutboxEvent::new(self.payments_topic.clone(), customer_id, event_id, &event);
+        let out = self.refunded(order_id, &payment, reason);
         outbox::enqueue(conn, &[out]).await?;
         Ok(true)
+    }
+
+    /// The same as [`Payments::compensate`] on each cancellation in turn,
+    /// in two statements for the whole run: lock the run's payments and
+    /// the accounts of the approved ones ([`store::open_refunds`]), refund
+    /// in memory in event order (a second cancellation of an order finds it
+    /// refunded), then write the refunds, each changed account once and the
+    /// events ([`store::write_refunds`]).
+    async fn compensate_all(
+        &self,
+        conn: &mut PgConnection,
+        orders: &[CancelledOrder<'_>],
+    ) -> Result<Vec<bool>, HandlerError> {
+        let mut ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut start = store::open_refunds(conn, &ids).await?;
+        let mut found = Vec::with_capacity(orders.len());
+        let mut refunds = Vec::new();
+        let mut events = Vec::new();
+        let mut changed: Vec<String> = Vec::new();
+        for order in orders {
+            let order_id = order.order_id;
+            let Some(payment) = start.payments.get_mut(&order_id) else {
+                found.push(false);
+                continue;
+            };
+            found.push(true);
+            if payment.status != Status::Approved {
+                continue; // declined or refunded already: nothing to give back
+            }
+            let customer_id = payment.customer_id.as_str();
+            let (currency, used) = start
+                .accounts
+                .get_mut(customer_id)
+                .ok_or_else(|| no_account(order_id, customer_id))?;
+            *used = released(order_id, payment, *used, currency)?;
+            payment.status = Status::Refunded;
+            let reason = refund_reason(&order.event);
+            order.meta.span.in_scope(|| {
+                tracing::debug!(%order_id, customer_id, reason, "payment refunded");
+            });
+            refunds.push((order_id, reason));
+            events.push(
+                self.refunded(order_id, payment, reason)
+                    .caused_by(&order.meta.span),
+            );
+            changed.push(payment.customer_id.clone());
+        }
+        if !refunds.is_empty() {
+            changed.sort_unstable();
+            changed.dedup();
+            let used: Vec<(&str, i64)> = changed
+                .iter()
+                .filter_map(|c| start.accounts.get(c).map(|(_, used)| (c.as_str(), *used)))
+                .collect();
+            store::write_refunds(conn, &refunds, &used, &events).await?;
+        }
+        metrics::set_based_run(
+            &orders[0].meta.topic,
+            "payment",
+            events::OrderCancelled::EVENT_TYPE,
+            orders.len() as u64,
+        );
+        Ok(found)
     }
 
     /// A DECLINED row for nothing: the late `OrderCreated` is not charged.

@@ -2,7 +2,7 @@
 //! The consumer calls these on its transaction; the gRPC API reads, and
 //! sets credit limits in a transaction of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use common::{
@@ -329,6 +329,105 @@ pub async fn mark_refunded(
     .bind(reason)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// A payment of a run of cancellations, with its account's credit in use
+/// when it is approved ([`open_refunds`]).
+#[derive(Debug, sqlx::FromRow)]
+struct RefundRow {
+    order_id: Uuid,
+    #[sqlx(flatten)]
+    payment: PaymentRow,
+    account_currency: Option<String>,
+    used_units: Option<i64>,
+}
+
+/// What a run of cancellations starts from ([`open_refunds`]).
+#[derive(Debug, Default)]
+pub struct RefundStart {
+    /// The run's orders that have a payment row, locked.
+    pub payments: HashMap<Uuid, PaymentRow>,
+    /// Currency and credit in use of the accounts that paid for the
+    /// approved ones, locked.
+    pub accounts: HashMap<String, (String, i64)>,
+}
+
+/// Opens a run of cancellations in one statement (one round trip): locks
+/// the payments of `order_ids` in order id order, then the accounts that
+/// paid for the approved ones in customer order, until the transaction
+/// ends. The same locks in the same order as [`lock_payment`] then
+/// [`lock_account`] take one order at a time.
+pub async fn open_refunds(
+    conn: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> sqlx::Result<RefundStart> {
+    let rows: Vec<RefundRow> = sqlx::query_as(
+        "WITH p AS (
+             SELECT order_id, customer_id, currency, amount_units, status FROM payments
+             WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE
+         ), a AS (
+             SELECT customer_id, currency, used_units FROM accounts
+             WHERE customer_id IN (SELECT customer_id FROM p WHERE status = 'APPROVED')
+             ORDER BY customer_id FOR UPDATE
+         )
+         SELECT p.order_id, p.customer_id, p.currency, p.amount_units, p.status,
+                a.currency AS account_currency, a.used_units
+         FROM p LEFT JOIN a USING (customer_id)",
+    )
+    .bind(order_ids)
+    .fetch_all(conn)
+    .await?;
+    let mut start = RefundStart::default();
+    for row in rows {
+        if let (Some(currency), Some(used)) = (row.account_currency, row.used_units) {
+            start
+                .accounts
+                .insert(row.payment.customer_id.clone(), (currency, used));
+        }
+        start.payments.insert(row.order_id, row.payment);
+    }
+    Ok(start)
+}
+
+/// Writes a run's refunds in one statement (one round trip): the payments
+/// refunded with their reasons, the credit in use of the accounts that
+/// changed (the caller holds the locks of both, [`open_refunds`]), and the
+/// events.
+pub async fn write_refunds(
+    conn: &mut PgConnection,
+    refunds: &[(Uuid, &str)],
+    used: &[(&str, i64)],
+    events: &[OutboxEvent],
+) -> sqlx::Result<()> {
+    let (ids, reasons): (Vec<Uuid>, Vec<&str>) = refunds.iter().copied().unzip();
+    let (accounts, used): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
+    let span = outbox::write_span_of(events);
+    let trace = Carrier::of(&span);
+    let columns = outbox::Columns::of(events, &trace);
+    // $1..$7 are the outbox's columns (outbox::Columns).
+    let query = columns.bind(sqlx::query(concat!(
+        "WITH refunded AS (
+             UPDATE payments p SET status = 'REFUNDED', reason = r.reason, updated_at = now()
+             FROM UNNEST($8::uuid[], $9::text[]) AS r(order_id, reason)
+             WHERE p.order_id = r.order_id
+         ), credit AS (
+             UPDATE accounts a SET used_units = u.used, updated_at = now()
+             FROM UNNEST($10::text[], $11::bigint[]) AS u(customer_id, used)
+             WHERE a.customer_id = u.customer_id
+         ), events AS (",
+        common::outbox_insert_unnest!(),
+        ")
+         SELECT 1",
+    )));
+    query
+        .bind(&ids)
+        .bind(&reasons)
+        .bind(&accounts)
+        .bind(&used)
+        .execute(conn)
+        .instrument(span)
+        .await?;
     Ok(())
 }
 

@@ -65,6 +65,12 @@ impl Input {
     }
 }
 
+/// The orders cancelled in one run after order 90, in this order: paid and
+/// reserved ones, one of them twice, one that was declined or rejected,
+/// one not created yet (it arrives at 95, after its cancellation), and
+/// order 2, cancelled once already.
+const MASS_CANCELLATION: [usize; 9] = [3, 7, 11, 3, 13, 95, 12, 2, 16];
+
 /// Order `n` of the burst: products with little stock (PROD020 3,
 /// PROD010 25, PROD009 50) asked for more often than they last, some orders
 /// all-or-nothing over two of them, one with an unknown product, totals
@@ -95,8 +101,9 @@ fn nth_order(n: usize, order_id: String) -> Input {
 /// interleaved; order 6 a second time under a new event id; order 70
 /// cancelled before its creation arrives; order 2 (paid and reserved)
 /// cancelled in the middle, after which its customer's later orders may
-/// use the credit and stock given back. `bad` adds an `OrderCreated` whose
-/// order id is not a UUID after order 30.
+/// use the credit and stock given back; after order 90 a run of
+/// [`MASS_CANCELLATION`] (consecutive cancellations, applied as one run).
+/// `bad` adds an `OrderCreated` whose order id is not a UUID after order 30.
 fn burst(bad: bool) -> Vec<Input> {
     let ids: Vec<String> = (0..ROUNDS * CUSTOMERS.len())
         .map(|_| Uuid::now_v7().to_string())
@@ -122,6 +129,15 @@ fn burst(bad: bool) -> Vec<Input> {
                 customer: CUSTOMERS[2],
                 reason: "the customer changed their mind",
             }),
+            90 => {
+                for k in MASS_CANCELLATION {
+                    inputs.push(Input::Cancelled {
+                        order_id: ids[k].clone(),
+                        customer: CUSTOMERS[k % CUSTOMERS.len()],
+                        reason: "the sale was called off",
+                    });
+                }
+            }
             _ => {}
         }
     }
@@ -570,13 +586,14 @@ async fn observed(payments: &PgPool, inventory: &PgPool, kafka: &KafkaConfig) ->
 /// A counter of the in-process metrics recorder (the services of this
 /// test share it with other tests of this binary; the topic label, which
 /// carries this test's prefix, tells them apart).
-fn counter(name: &str, topic: &str, side: &str) -> u64 {
+fn counter(name: &str, topic: &str, side: &str, event_type: &str) -> u64 {
     let text = common::metrics::install().render();
     text.lines()
         .filter(|l| {
             l.starts_with(&format!("{name}{{"))
                 && l.contains(&format!("topic=\"{topic}\""))
                 && l.contains(&format!("side=\"{side}\""))
+                && l.contains(&format!("event_type=\"{event_type}\""))
         })
         .map(|l| {
             l.rsplit_once(' ')
@@ -674,7 +691,8 @@ fn assert_scenario_bites(expected: &Outcome) {
     };
     assert!(status_count("APPROVED") >= 20, "{expected:#?}");
     assert!(status_count("DECLINED") >= 20, "{expected:#?}");
-    assert_eq!(status_count("REFUNDED"), 1);
+    // Order 2, then at least three of the run of cancellations.
+    assert!(status_count("REFUNDED") >= 4, "{expected:#?}");
     for customer in CUSTOMERS {
         let events = &expected.payment_events[customer];
         assert!(
@@ -699,8 +717,14 @@ fn assert_scenario_bites(expected: &Outcome) {
         assert!(expected.stock[product].1 > 0, "{product}");
     }
     assert_eq!(rejected("unknown product PROD999"), 1);
-    assert_eq!(rejected(CANCELLED_BEFORE_RESERVATION), 1);
-    assert!(expected.reservations.values().any(|(s, _)| s == "RELEASED"));
+    // Orders 70 and 95, each cancelled before it arrived.
+    assert_eq!(rejected(CANCELLED_BEFORE_RESERVATION), 2);
+    let released = expected
+        .reservations
+        .values()
+        .filter(|(s, _)| s == "RELEASED")
+        .count();
+    assert!(released >= 4, "{expected:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -714,21 +738,44 @@ async fn a_burst_is_applied_set_based_exactly_as_one_order_at_a_time() {
     assert_scenario_bites(&expected);
 
     // Every OrderCreated went through the set-based path (none fell back
-    // to one record at a time), in runs far longer than one.
+    // to one record at a time), in runs far longer than one, and so did
+    // every OrderCancelled, the mass cancellation in a run of more than one.
     let created = inputs
         .iter()
         .filter(|i| matches!(i, Input::Created { .. }))
         .count() as u64;
+    let cancelled = inputs.len() as u64 - created;
     let topic = kafka.topic(topics::ORDERS);
     for side in ["payment", "inventory"] {
-        let events = counter("shop_consumer_set_based_events_total", &topic, side);
-        let runs = counter("shop_consumer_set_based_runs_total", &topic, side);
+        let count = |name: &str, event_type: &str| counter(name, &topic, side, event_type);
+        let events = count(
+            "shop_consumer_set_based_events_total",
+            events::OrderCreated::EVENT_TYPE,
+        );
+        let runs = count(
+            "shop_consumer_set_based_runs_total",
+            events::OrderCreated::EVENT_TYPE,
+        );
         eprintln!("{side}: {events} orders in {runs} set-based runs");
         assert_eq!(events, created, "{side}: every OrderCreated, set-based");
-        // Two cancellations split the burst into at least three runs.
+        // Three runs of cancellations split the burst into at least four.
         assert!(
-            (3..=created / 10).contains(&runs),
+            (4..=created / 10).contains(&runs),
             "{side}: {runs} runs for {created} orders"
+        );
+        let events = count(
+            "shop_consumer_set_based_events_total",
+            events::OrderCancelled::EVENT_TYPE,
+        );
+        let runs = count(
+            "shop_consumer_set_based_runs_total",
+            events::OrderCancelled::EVENT_TYPE,
+        );
+        eprintln!("{side}: {events} cancellations in {runs} set-based runs");
+        assert_eq!(events, cancelled, "{side}: every OrderCancelled, set-based");
+        assert!(
+            (3..cancelled).contains(&runs),
+            "{side}: {runs} runs for {cancelled} cancellations"
         );
     }
 }
