@@ -131,6 +131,25 @@ impl<'a> Columns<'a> {
         c
     }
 
+    /// Binds the seven arrays, in [`INSERT_UNNEST`]'s order, handing them
+    /// over to the query.
+    pub fn bind_owned<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.topics)
+            .bind(self.keys)
+            .bind(self.types)
+            .bind(self.ids)
+            .bind(self.payloads)
+            .bind(self.traceparents)
+            .bind(self.tracestates)
+    }
+
     /// Binds the seven arrays, in [`INSERT_UNNEST`]'s order.
     pub fn bind<'q>(
         &'q self,
@@ -179,6 +198,45 @@ pub fn write_span_of(events: &[OutboxEvent]) -> tracing::Span {
     )
 }
 
+/// A statement that writes events into the outbox, alone or along with
+/// the state they announce (a `WITH` clause of [`outbox_insert_unnest!`]):
+/// the span it runs in ([`write_span_of`]) and the trace context of the
+/// current span, which events without a cause of their own carry.
+pub struct EventWrite<'e> {
+    events: &'e [OutboxEvent],
+    span: tracing::Span,
+    trace: Carrier,
+}
+
+impl<'e> EventWrite<'e> {
+    #[must_use]
+    pub fn of(events: &'e [OutboxEvent]) -> Self {
+        let span = write_span_of(events);
+        let trace = Carrier::of(&span);
+        Self {
+            events,
+            span,
+            trace,
+        }
+    }
+
+    /// `sql` with the events' columns bound as `$1`..`$7` ([`Columns`]);
+    /// the caller binds its own from `$8` on, and runs the query in
+    /// [`EventWrite::span`].
+    pub fn query<'q>(
+        &'q self,
+        sql: &'static str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        Columns::of(self.events, &self.trace).bind_owned(sqlx::query(sql))
+    }
+
+    /// The span the statement runs in (`.instrument(write.span())`).
+    #[must_use]
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+}
+
 /// Writes events into the outbox on the caller's transaction, in order,
 /// each with the trace context of its cause ([`OutboxEvent::caused_by`]), or
 /// else of the current span (the request or the consumed record that caused
@@ -187,13 +245,11 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[OutboxEvent]) -> sqlx::R
     if events.is_empty() {
         return Ok(());
     }
-    let span = write_span_of(events);
-    let trace = Carrier::of(&span);
-    let columns = Columns::of(events, &trace);
-    columns
-        .bind(sqlx::query(INSERT_UNNEST))
+    let write = EventWrite::of(events);
+    write
+        .query(INSERT_UNNEST)
         .execute(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?;
     Ok(())
 }

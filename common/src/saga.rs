@@ -85,6 +85,18 @@ pub struct CancelledOrder<'a> {
     pub event: OrderCancelled,
 }
 
+impl CancelledOrder<'_> {
+    /// The run's order ids, each once, in id order: the order a side locks
+    /// their records in.
+    #[must_use]
+    pub fn distinct_ids(run: &[Self]) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = run.iter().map(|o| o.order_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
 /// One side of the saga (payment or inventory): what it does when an order
 /// is created and when it is cancelled. Each step runs in the consume
 /// loop's transaction and publishes its result through the outbox.

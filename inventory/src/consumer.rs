@@ -282,10 +282,7 @@ impl OrderSide for Reservations {
         conn: &mut PgConnection,
         orders: &[CancelledOrder<'_>],
     ) -> Result<Vec<bool>, HandlerError> {
-        let mut ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut held = store::open_releases(conn, &ids).await?;
+        let mut held = store::open_releases(conn, &CancelledOrder::distinct_ids(orders)).await?;
         let products: BTreeSet<&str> = held
             .values()
             .flat_map(|h| h.lines.iter().map(|l| l.product_id.as_str()))

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use common::{
     catalog,
     outbox::{self, OutboxEvent},
-    trace_context::Carrier,
 };
 use shop_proto::inventory::Stock;
 use sqlx::{PgConnection, PgPool, Row};
@@ -308,11 +307,9 @@ pub async fn write_run(
     let item_products: Vec<&str> = lines().map(|(_, l)| l.product_id.as_str()).collect();
     let item_quantities: Vec<i64> = lines().map(|(_, l)| i64::from(l.quantity)).collect();
     let (products, units): (Vec<&str>, Vec<i64>) = taken.iter().copied().unzip();
-    let span = outbox::write_span_of(events);
-    let trace = Carrier::of(&span);
-    let columns = outbox::Columns::of(events, &trace);
+    let write = outbox::EventWrite::of(events);
     // $1..$7 are the outbox's columns (outbox::Columns).
-    let query = columns.bind(sqlx::query(concat!(
+    let query = write.query(concat!(
         "WITH reserved AS (
              INSERT INTO reservations (order_id, customer_id, status, reason)
              SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::text[])
@@ -334,7 +331,7 @@ pub async fn write_run(
         common::outbox_insert_unnest!(),
         ")
          SELECT (SELECT count(*) FROM reserved), (SELECT count(*) FROM moved)",
-    )));
+    ));
     let row = query
         .bind(&ids)
         .bind(&customers)
@@ -346,7 +343,7 @@ pub async fn write_run(
         .bind(&products)
         .bind(&units)
         .fetch_one(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?;
     let count = |i: usize| -> sqlx::Result<u64> {
         let n: i64 = row.try_get(i)?;
@@ -458,11 +455,9 @@ pub async fn write_releases(
 ) -> sqlx::Result<u64> {
     let (ids, reasons): (Vec<Uuid>, Vec<&str>) = released.iter().copied().unzip();
     let (products, units): (Vec<&str>, Vec<i64>) = given.iter().copied().unzip();
-    let span = outbox::write_span_of(events);
-    let trace = Carrier::of(&span);
-    let columns = outbox::Columns::of(events, &trace);
+    let write = outbox::EventWrite::of(events);
     // $1..$7 are the outbox's columns (outbox::Columns).
-    let query = columns.bind(sqlx::query(concat!(
+    let query = write.query(concat!(
         "WITH released AS (
              UPDATE reservations r SET status = 'RELEASED', reason = x.reason, updated_at = now()
              FROM UNNEST($8::uuid[], $9::text[]) AS x(order_id, reason)
@@ -478,14 +473,14 @@ pub async fn write_releases(
         common::outbox_insert_unnest!(),
         ")
          SELECT count(*) FROM moved",
-    )));
+    ));
     let moved: i64 = query
         .bind(&ids)
         .bind(&reasons)
         .bind(&products)
         .bind(&units)
         .fetch_one(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?
         .try_get(0)?;
     Ok(u64::try_from(moved).unwrap_or(0))

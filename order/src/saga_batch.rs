@@ -206,16 +206,14 @@ async fn write_all(
         .iter()
         .map(|(_, s)| s.inventory_reason.as_str())
         .collect();
-    let span = outbox::write_span_of(decisions);
     // Every decision has its record's context (caused_by), so the write
     // span's is a default that is never used; as in outbox::enqueue.
-    let trace = common::trace_context::Carrier::of(&span);
-    let events = outbox::Columns::of(decisions, &trace);
+    let write = outbox::EventWrite::of(decisions);
     // $1..$7 are the outbox's columns (outbox::Columns). A SELECT in WITH
     // runs only when referenced: the final SELECT references the
     // notifications; the UPDATE and the INSERT run regardless.
-    events
-        .bind(sqlx::query(concat!(
+    write
+        .query(concat!(
             "WITH written AS (
                  UPDATE orders o SET status = u.status, reason = u.reason,
                                      payment_status = u.payment_status,
@@ -233,7 +231,7 @@ async fn write_all(
                  SELECT pg_notify($15, id::text) FROM UNNEST($16::uuid[]) AS id
              )
              SELECT count(*) FROM notified",
-        )))
+        ))
         .bind(&ids)
         .bind(&statuses)
         .bind(&reasons)
@@ -244,7 +242,7 @@ async fn write_all(
         .bind(crate::watch::CHANNEL)
         .bind(notified)
         .execute(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?;
     Ok(ids.len())
 }

@@ -349,10 +349,7 @@ impl OrderSide for Payments {
         conn: &mut PgConnection,
         orders: &[CancelledOrder<'_>],
     ) -> Result<Vec<bool>, HandlerError> {
-        let mut ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut start = store::open_refunds(conn, &ids).await?;
+        let mut start = store::open_refunds(conn, &CancelledOrder::distinct_ids(orders)).await?;
         let mut found = Vec::with_capacity(orders.len());
         let mut refunds = Vec::new();
         let mut events = Vec::new();

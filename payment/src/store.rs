@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use common::{
     outbox::{self, OutboxEvent},
     time::to_timestamp,
-    trace_context::Carrier,
 };
 use shop_proto::{
     common::Money,
@@ -279,11 +278,9 @@ pub async fn write_run(
     let statuses: Vec<&str> = new.iter().map(|p| p.status.as_str()).collect();
     let reasons: Vec<&str> = new.iter().map(|p| p.reason).collect();
     let (accounts, used): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
-    let span = outbox::write_span_of(events);
-    let trace = Carrier::of(&span);
-    let columns = outbox::Columns::of(events, &trace);
+    let write = outbox::EventWrite::of(events);
     // $1..$7 are the outbox's columns (outbox::Columns).
-    let query = columns.bind(sqlx::query(concat!(
+    let query = write.query(concat!(
         "WITH paid AS (
              INSERT INTO payments (order_id, customer_id, currency, amount_units, status, reason)
              SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::bigint[],
@@ -298,7 +295,7 @@ pub async fn write_run(
         common::outbox_insert_unnest!(),
         ")
          SELECT count(*) FROM paid",
-    )));
+    ));
     let written: i64 = query
         .bind(&ids)
         .bind(&customers)
@@ -309,7 +306,7 @@ pub async fn write_run(
         .bind(&accounts)
         .bind(&used)
         .fetch_one(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?
         .try_get(0)?;
     Ok(u64::try_from(written).unwrap_or(0))
@@ -402,11 +399,9 @@ pub async fn write_refunds(
 ) -> sqlx::Result<()> {
     let (ids, reasons): (Vec<Uuid>, Vec<&str>) = refunds.iter().copied().unzip();
     let (accounts, used): (Vec<&str>, Vec<i64>) = used.iter().copied().unzip();
-    let span = outbox::write_span_of(events);
-    let trace = Carrier::of(&span);
-    let columns = outbox::Columns::of(events, &trace);
+    let write = outbox::EventWrite::of(events);
     // $1..$7 are the outbox's columns (outbox::Columns).
-    let query = columns.bind(sqlx::query(concat!(
+    let query = write.query(concat!(
         "WITH refunded AS (
              UPDATE payments p SET status = 'REFUNDED', reason = r.reason, updated_at = now()
              FROM UNNEST($8::uuid[], $9::text[]) AS r(order_id, reason)
@@ -419,14 +414,14 @@ pub async fn write_refunds(
         common::outbox_insert_unnest!(),
         ")
          SELECT 1",
-    )));
+    ));
     query
         .bind(&ids)
         .bind(&reasons)
         .bind(&accounts)
         .bind(&used)
         .execute(conn)
-        .instrument(span)
+        .instrument(write.span())
         .await?;
     Ok(())
 }
