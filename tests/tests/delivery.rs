@@ -135,6 +135,12 @@ async fn redelivered_events_change_nothing() {
         .fetch_one(&p.inventory_db)
         .await
         .unwrap();
+    // The decision is committed with its OrderConfirmed in the outbox; the
+    // relay publishes it a moment later.
+    eventually("OrderConfirmed to be published", || async {
+        (count_events(&p, "orders", events::OrderConfirmed::EVENT_TYPE) == 1).then_some(())
+    })
+    .await;
 
     // Publish every record of `orders` and `payments` a second time, as a
     // relay that crashed before marking its batch would.
