@@ -339,29 +339,49 @@ pub(crate) fn outbox_pending(rows: i64) {
 
 // --- counting after a commit ----------------------------------------------
 
-type Pending = Vec<(&'static str, Vec<Label>, u64)>;
+/// What a transaction deferred to its commit: counts, and hooks.
+#[derive(Default)]
+struct Pending {
+    counts: Vec<(&'static str, Vec<Label>, u64)>,
+    hooks: Vec<Box<dyn FnOnce() + Send>>,
+}
 
 tokio::task_local! {
     static ON_COMMIT: RefCell<Pending>;
 }
 
 /// Runs `work`, a transaction that ends in its commit, and counts what was
-/// counted inside it with [`count_on_commit`] only when it returns `Ok`:
-/// a batch rolled back and replayed record by record counts each record
-/// once.
+/// counted inside it with [`count_on_commit`] (then runs the hooks given to
+/// [`after_commit`]) only when it returns `Ok`: a batch rolled back and
+/// replayed record by record counts each record once.
 pub async fn on_commit<T, E>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     let (result, pending) = ON_COMMIT
-        .scope(RefCell::new(Vec::new()), async {
+        .scope(RefCell::new(Pending::default()), async {
             let result = work.await;
             (result, ON_COMMIT.with(RefCell::take))
         })
         .await;
     if result.is_ok() {
-        for (name, labels, n) in pending {
+        for (name, labels, n) in pending.counts {
             counter!(name, labels).increment(n);
+        }
+        for hook in pending.hooks {
+            hook();
         }
     }
     result
+}
+
+/// Runs `hook` when the enclosing [`on_commit`] commits (never if it does
+/// not), or now outside one: what the process learns from a transaction
+/// (orders decided) it learns once the transaction is durable.
+pub fn after_commit(hook: impl FnOnce() + Send + 'static) {
+    let mut hook: Option<Box<dyn FnOnce() + Send>> = Some(Box::new(hook));
+    // Outside an on_commit scope there is nothing to defer to: `hook` stays.
+    let _ = ON_COMMIT.try_with(|pending| pending.borrow_mut().hooks.extend(hook.take()));
+    if let Some(hook) = hook {
+        hook();
+    }
 }
 
 /// Adds `n` to a counter when the enclosing [`on_commit`] commits, or now
@@ -370,11 +390,12 @@ pub fn count_on_commit(name: &'static str, labels: Vec<Label>, n: u64) {
     let deferred = ON_COMMIT.try_with(|pending| {
         let mut pending = pending.borrow_mut();
         match pending
+            .counts
             .iter_mut()
             .find(|(k, l, _)| *k == name && *l == labels)
         {
             Some((_, _, count)) => *count += n,
-            None => pending.push((name, labels.clone(), n)),
+            None => pending.counts.push((name, labels.clone(), n)),
         }
     });
     if deferred.is_err() {
@@ -561,6 +582,43 @@ mod tests {
         assert_eq!(value(), 3);
         count_on_commit(ORDERS_DECIDED, labels(), 1);
         assert_eq!(value(), 4, "outside on_commit it counts at once");
+    }
+
+    #[tokio::test]
+    async fn hooks_run_after_a_commit_only() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        };
+        let ran = Arc::new(AtomicU64::new(0));
+        let add = |n: u64| {
+            let ran = ran.clone();
+            move || {
+                ran.fetch_add(n, Ordering::SeqCst);
+            }
+        };
+        let failed: Result<(), ()> = on_commit(async {
+            after_commit(add(5));
+            Err(())
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "rolled back: never run");
+        let done: Result<(), ()> = on_commit(async {
+            after_commit(add(2));
+            tokio::task::yield_now().await;
+            assert_eq!(ran.load(Ordering::SeqCst), 0, "not before the commit");
+            Ok(())
+        })
+        .await;
+        assert!(done.is_ok());
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        after_commit(add(1));
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            3,
+            "outside on_commit it runs at once"
+        );
     }
 
     #[test]

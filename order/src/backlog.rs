@@ -17,8 +17,19 @@
 //! reads it every [`REFRESH`] (one partial-index count); the orders this
 //! replica admitted and had not finished writing when that count began are
 //! added to it (one written meanwhile may be in both: the estimate errs
-//! high until the next count, never low), so one replica never overshoots
-//! by more than what other replicas admit in one interval.
+//! high until the next count), so one replica never overshoots by more
+//! than what other replicas admit in one interval. The orders this
+//! replica decided since the count began (its saga consumer and deadline
+//! sweeper, told once their transactions committed) are taken off: a
+//! decision frees room at once, where waiting for the next count made
+//! intake admit in waves (a second's worth of room taken in a burst, then
+//! everything refused until the next count). Decisions that committed as
+//! the count began may be both missing from it and taken off: the
+//! estimate then errs low by those, a batch or two. With several replicas,
+//! a replica may also take off the decision of an order another one
+//! admitted since the count began (its saga decides the orders of its
+//! partitions, whoever took them): each replica overshoots the bound by at
+//! most about twice what the others admit in one interval.
 
 use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -59,12 +70,24 @@ struct Counts {
     /// `finished` when the last count began: every order committed by then
     /// is in `counted`.
     finished_at_count: u64,
+    /// Orders this replica ever decided (their decision committed).
+    decided: u64,
+    /// `decided` when the last count began.
+    decided_at_count: u64,
 }
 
 impl Counts {
     fn estimate(&self) -> u64 {
-        self.counted + (self.admitted - self.finished_at_count)
+        (self.counted + (self.admitted - self.finished_at_count))
+            .saturating_sub(self.decided - self.decided_at_count)
     }
+}
+
+/// Where a count began: what [`Backlog::counted`] takes off its result.
+#[derive(Clone, Copy, Debug)]
+struct CountStart {
+    finished: u64,
+    decided: u64,
 }
 
 /// An admitted order whose write has not ended; drop it when it has
@@ -116,16 +139,29 @@ impl Backlog {
         self.lock().estimate()
     }
 
-    /// A count begins: returns the writes finished so far, to pass to
-    /// [`Self::counted`] with its result.
-    fn counting(&self) -> u64 {
-        self.lock().finished
+    /// `n` orders were decided (their transaction committed): room for as
+    /// many new ones.
+    pub fn decided(&self, n: u64) {
+        if self.max > 0 {
+            self.lock().decided += n;
+        }
     }
 
-    fn counted(&self, pending: u64, finished_at_count: u64) {
+    /// A count begins: returns the writes finished and the orders decided
+    /// so far, to pass to [`Self::counted`] with its result.
+    fn counting(&self) -> CountStart {
+        let counts = self.lock();
+        CountStart {
+            finished: counts.finished,
+            decided: counts.decided,
+        }
+    }
+
+    fn counted(&self, pending: u64, start: CountStart) {
         let mut counts = self.lock();
         counts.counted = pending;
-        counts.finished_at_count = finished_at_count;
+        counts.finished_at_count = start.finished;
+        counts.decided_at_count = start.decided;
         drop(counts);
         common::metrics::orders_pending(pending);
     }
@@ -180,6 +216,29 @@ mod tests {
         drop(backlog.admit().expect("two were decided meanwhile"));
         drop(backlog.admit().expect("room for one more"));
         assert!(backlog.admit().is_err());
+    }
+
+    #[test]
+    fn a_decision_makes_room_before_the_next_count() {
+        let backlog = Backlog::new(3);
+        let began = backlog.counting();
+        backlog.counted(2, began);
+        drop(backlog.admit().expect("the third"));
+        assert!(backlog.admit().is_err());
+        // Two decided (of the counted or the admitted, all the same).
+        backlog.decided(2);
+        assert_eq!(backlog.estimate(), 1);
+        drop(backlog.admit().expect("room again"));
+        drop(backlog.admit().expect("and again"));
+        assert!(backlog.admit().is_err());
+        // The next count saw those two decided: they are not taken off twice.
+        let began = backlog.counting();
+        backlog.counted(3, began);
+        assert_eq!(backlog.estimate(), 3);
+        assert!(backlog.admit().is_err());
+        // A decision after the count began is, once.
+        backlog.decided(1);
+        assert_eq!(backlog.estimate(), 2);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    backlog::Backlog,
     domain::Outcome,
     saga::{Report, SagaState, Side},
     saga_batch::Path,
@@ -106,6 +107,18 @@ impl SagaEvent {
 pub struct SagaHandler {
     /// Full name of the `orders` topic, where decisions are published.
     pub orders_topic: String,
+    /// Told of the orders decided once their transaction commits, so that
+    /// intake admits as many new ones without waiting for the next count.
+    pub backlog: Backlog,
+}
+
+impl SagaHandler {
+    fn decided(&self, n: u64) {
+        if n > 0 {
+            let backlog = self.backlog.clone();
+            common::metrics::after_commit(move || backlog.decided(n));
+        }
+    }
 }
 
 impl EventHandler for SagaHandler {
@@ -137,7 +150,11 @@ impl EventHandler for SagaHandler {
         meta: &EventMeta,
         event: SagaEvent,
     ) -> Result<(), HandlerError> {
-        crate::saga_batch::apply(conn, &self.orders_topic, vec![(meta, event)], Path::Record).await
+        let decided =
+            crate::saga_batch::apply(conn, &self.orders_topic, vec![(meta, event)], Path::Record)
+                .await?;
+        self.decided(decided);
+        Ok(())
     }
 
     /// The set-based path ([`crate::saga_batch`]).
@@ -149,9 +166,11 @@ impl EventHandler for SagaHandler {
         // A root span: the batch serves many traces; each record's own hop
         // is its `order status update` span.
         let span = tracing::info_span!(parent: None, "saga batch", events = events.len());
-        crate::saga_batch::apply(conn, &self.orders_topic, events, Path::Set)
+        let decided = crate::saga_batch::apply(conn, &self.orders_topic, events, Path::Set)
             .instrument(span)
-            .await
+            .await?;
+        self.decided(decided);
+        Ok(())
     }
 }
 

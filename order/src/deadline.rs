@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
+    backlog::Backlog,
     consumer::cancel,
     domain::{InventoryStatus, PaymentStatus},
 };
@@ -23,6 +24,7 @@ pub async fn sweep_deadlines(
     orders_topic: String,
     interval: Duration,
     notifier: outbox::Notifier,
+    backlog: Backlog,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut streak = Streak::new();
@@ -34,6 +36,7 @@ pub async fn sweep_deadlines(
             }
             Ok(n) => {
                 streak.reset();
+                backlog.decided(n as u64);
                 tracing::warn!(orders = n, "cancelled orders past their deadline");
                 notifier.notify();
                 continue; // there may be more

@@ -157,6 +157,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         &[topics::PAYMENTS, topics::INVENTORY],
         consumer::SagaHandler {
             orders_topic: orders_topic.clone(),
+            backlog: backlog.clone(),
         },
     )?;
     let sweeper = deadline::sweep_deadlines(
@@ -164,6 +165,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         orders_topic,
         config.sweep_interval,
         service.outbox(),
+        backlog.clone(),
         service.shutdown().clone(),
     );
     service.spawn("deadline sweeper", sweeper);

@@ -63,13 +63,14 @@ struct Folding {
     notify: bool,
 }
 
-/// Applies a batch's new events, in order, in the caller's transaction.
+/// Applies a batch's new events, in order, in the caller's transaction;
+/// returns how many orders it decided (confirmed or cancelled).
 pub(crate) async fn apply(
     conn: &mut PgConnection,
     orders_topic: &str,
     events: Vec<(&EventMeta, SagaEvent)>,
     path: Path,
-) -> Result<(), HandlerError> {
+) -> Result<u64, HandlerError> {
     let total = events.len();
     let mut reports = Vec::with_capacity(total);
     for (meta, event) in events {
@@ -153,7 +154,7 @@ pub(crate) async fn apply(
     }
     if path == Path::Record {
         count_applied("record", total);
-        return Ok(());
+        return Ok(confirmed + cancelled);
     }
     count_applied("set", total);
     common::metrics::count_on_commit(SAGA_BATCHES, Vec::new(), 1);
@@ -166,7 +167,7 @@ pub(crate) async fn apply(
         statements,
         "saga batch applied set-based"
     );
-    Ok(())
+    Ok(confirmed + cancelled)
 }
 
 /// Writes every changed row, notifies the orders' watchers and enqueues

@@ -367,7 +367,7 @@ async fn intake_sheds_past_the_pending_bound_until_orders_are_decided() {
     let orders = p.orders().await;
     let mut accepted = Vec::new();
     for i in 0..MAX_PENDING {
-        // The estimate errs high until the next count (250 ms) when a count
+        // The estimate errs high until the next count (backlog::REFRESH) when a count
         // ran while an order was being written: below the bound a call is
         // admitted, at once or after that count.
         let id = eventually("an order below the pending bound", || {
