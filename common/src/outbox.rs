@@ -12,10 +12,13 @@
 //! leader holds a session-level advisory lock on a connection of its own
 //! (see [`Relay`]).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{
+    Message as _,
+    producer::{FutureProducer, FutureRecord, Producer},
+};
 use shop_proto::EventName;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -563,8 +566,32 @@ impl Relay {
             spans.push(span);
         }
         // The publish spans end when their deliveries are acknowledged.
+        let mut failed: BTreeMap<(String, i32), usize> = BTreeMap::new();
+        let mut first_error = None;
         for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(e, _)| e)?;
+            if let Err((e, message)) = delivery {
+                *failed
+                    .entry((message.topic().to_owned(), message.partition()))
+                    .or_default() += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            // Which partitions refused tells a broker that lost some
+            // partitions from a producer that can send nothing at all.
+            let by_partition = failed
+                .iter()
+                .map(|((topic, partition), n)| format!("{topic}/{partition}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::warn!(
+                error = %e,
+                failed = failed.values().sum::<usize>(),
+                of = rows.len(),
+                %by_partition,
+                "outbox deliveries not acknowledged; the round is sent again"
+            );
+            return Err(e.into());
         }
         drop(spans);
         // Committed without waiting for the WAL flush (the connection's
