@@ -136,7 +136,7 @@ impl<'a> Columns<'a> {
 
     /// Binds the seven arrays, in [`INSERT_UNNEST`]'s order, handing them
     /// over to the query.
-    pub fn bind_owned<'q>(
+    pub fn bind<'q>(
         self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
@@ -151,21 +151,6 @@ impl<'a> Columns<'a> {
             .bind(self.payloads)
             .bind(self.traceparents)
             .bind(self.tracestates)
-    }
-
-    /// Binds the seven arrays, in [`INSERT_UNNEST`]'s order.
-    pub fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        query
-            .bind(&self.topics)
-            .bind(&self.keys)
-            .bind(&self.types)
-            .bind(&self.ids)
-            .bind(&self.payloads)
-            .bind(&self.traceparents)
-            .bind(&self.tracestates)
     }
 }
 
@@ -230,7 +215,7 @@ impl<'e> EventWrite<'e> {
         &'q self,
         sql: &'static str,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        Columns::of(self.events, &self.trace).bind_owned(sqlx::query(sql))
+        Columns::of(self.events, &self.trace).bind(sqlx::query(sql))
     }
 
     /// The span the statement runs in (`.instrument(write.span())`).

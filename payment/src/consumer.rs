@@ -353,7 +353,6 @@ impl OrderSide for Payments {
         let mut found = Vec::with_capacity(orders.len());
         let mut refunds = Vec::new();
         let mut events = Vec::new();
-        let mut changed: Vec<String> = Vec::new();
         for order in orders {
             let order_id = order.order_id;
             let Some(payment) = start.payments.get_mut(&order_id) else {
@@ -380,14 +379,14 @@ impl OrderSide for Payments {
                 self.refunded(order_id, payment, reason)
                     .caused_by(&order.meta.span),
             );
-            changed.push(payment.customer_id.clone());
         }
         if !refunds.is_empty() {
-            changed.sort_unstable();
-            changed.dedup();
-            let used: Vec<(&str, i64)> = changed
+            // `open_refunds` locked only the accounts of approved payments,
+            // and every one of those was refunded above: each changed.
+            let used: Vec<(&str, i64)> = start
+                .accounts
                 .iter()
-                .filter_map(|c| start.accounts.get(c).map(|(_, used)| (c.as_str(), *used)))
+                .map(|(customer_id, (_, used))| (customer_id.as_str(), *used))
                 .collect();
             store::write_refunds(conn, &refunds, &used, &events).await?;
         }
