@@ -191,6 +191,10 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// `KAFKA_CLIENT_ID` (default: the service name).
     pub client_id: String,
+    /// `KAFKA_DEBUG` (default empty: off): librdkafka's `debug` contexts for
+    /// every client of the service, e.g. `eos,msg,broker`, logged at debug
+    /// level under the `librdkafka` target (`RUST_LOG=librdkafka=debug`).
+    pub debug: String,
     /// `KAFKA_SECURITY_*`, `KAFKA_SASL_*`, `KAFKA_SSL_*` (default: none,
     /// plaintext): librdkafka settings passed through as they are (see
     /// [`crate::kafka_security`]).
@@ -205,6 +209,7 @@ impl KafkaConfig {
             group_id: var("KAFKA_GROUP_ID", service.to_owned())?,
             partitions: var("KAFKA_PARTITIONS", 6)?,
             client_id: var("KAFKA_CLIENT_ID", service.to_owned())?,
+            debug: var("KAFKA_DEBUG", String::new())?,
             security: {
                 let security = KafkaSecurity::from_env()?;
                 if !security.is_empty() {
@@ -337,6 +342,7 @@ mod tests {
             group_id: "g".into(),
             partitions: 1,
             client_id: "c".into(),
+            debug: String::new(),
             security: KafkaSecurity::default(),
         };
         assert_eq!(cfg.topic("orders"), "t1.orders");

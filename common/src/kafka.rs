@@ -51,6 +51,9 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("reconnect.backoff.max.ms", "1000");
     // SSL/SASL towards the broker, when configured (KAFKA_SECURITY_PROTOCOL, …).
     cfg.security.apply(&mut c);
+    if !cfg.debug.is_empty() {
+        c.set("debug", &cfg.debug);
+    }
     c
 }
 

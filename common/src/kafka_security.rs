@@ -157,6 +157,7 @@ mod tests {
             "KAFKA_GROUP_ID",
             "KAFKA_PARTITIONS",
             "KAFKA_CLIENT_ID",
+            "KAFKA_DEBUG",
             "KAFKA_SSL",
             "KAFKA_SASL_",
             "SASL_MECHANISM",

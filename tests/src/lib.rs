@@ -76,6 +76,7 @@ pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
         group_id: format!("t{id}-{service}"),
         partitions: 3,
         client_id: format!("t{id}-{service}"),
+        debug: String::new(),
         security: common::kafka_security::KafkaSecurity::default(),
     }
 }

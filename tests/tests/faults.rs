@@ -12,6 +12,11 @@
 //!
 //! `FAULT_ROUNDS` (default 2) repeats the whole fault list; raise it for a
 //! soak. `FAULT_RATE` (default 40) is the offered load in orders/s.
+//! `FAULT_RUST_LOG` (default `info,sqlx=warn,rdkafka=warn`) is the services'
+//! `RUST_LOG`, and `FAULT_KEEP_LOGS=1` keeps their logs (in
+//! `$TMPDIR/shop-faults-<id>`) after a green run too; a failing run always
+//! keeps them. With `KAFKA_DEBUG` and `FAULT_RUST_LOG=…,librdkafka=debug`
+//! they hold librdkafka's own account of a broker restart.
 
 use std::{
     collections::HashMap,
@@ -254,6 +259,8 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         e2e::create_database(format!("t_{id}_payments")),
         e2e::create_database(format!("t_{id}_inventory")),
     );
+    let rust_log = std::env::var("FAULT_RUST_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".to_owned());
     let common_env = |service: &str, db: &str, grpc: SocketAddr| -> Vec<(String, String)> {
         vec![
             ("DATABASE_URL".into(), db.into()),
@@ -265,7 +272,7 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
             ("METRICS_ADDR".into(), free_addr().to_string()),
             ("HEALTH_CHECK_INTERVAL_MS".into(), "250".into()),
             ("OUTBOX_POLL_INTERVAL_MS".into(), "50".into()),
-            ("RUST_LOG".into(), "info,sqlx=warn,rdkafka=warn".into()),
+            ("RUST_LOG".into(), rust_log.clone()),
         ]
     };
     let mut services: HashMap<&str, Service> = HashMap::new();
@@ -548,5 +555,9 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     for service in services.values_mut() {
         service.terminate();
     }
-    let _ = std::fs::remove_dir_all(&workdir);
+    if std::env::var_os("FAULT_KEEP_LOGS").is_some() {
+        println!("service logs kept in {}", workdir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&workdir);
+    }
 }
