@@ -186,6 +186,18 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// `KAFKA_GROUP_ID` (default: the service name).
     pub group_id: String,
+    /// `KAFKA_GROUP_INSTANCE_ID` (default unset: a dynamic member): this
+    /// consumer's static membership id (Kafka's `group.instance.id`), unique
+    /// in the group and the same across restarts of this instance. A static
+    /// member that comes back after a crash or a broker restart takes its
+    /// partitions back at once, where a dynamic one joins as a new member and
+    /// the group waits for the old one's session (6 s) to expire. A static
+    /// member does not leave the group when it stops either, so give it only
+    /// to instances that come back under the same name and are restarted by
+    /// a supervisor (a `StatefulSet`'s pod), never to a `Deployment`'s pods:
+    /// a fenced member ends the consume loop (README, "Static group
+    /// membership").
+    pub group_instance_id: Option<String>,
     /// `KAFKA_PARTITIONS` (default 6): partitions of topics this service
     /// creates when they are missing.
     pub partitions: i32,
@@ -207,6 +219,8 @@ impl KafkaConfig {
             brokers: var("KAFKA_BROKERS", "127.0.0.1:9092".to_owned())?,
             topic_prefix: var("KAFKA_TOPIC_PREFIX", String::new())?,
             group_id: var("KAFKA_GROUP_ID", service.to_owned())?,
+            group_instance_id: Some(var("KAFKA_GROUP_INSTANCE_ID", String::new())?)
+                .filter(|id| !id.is_empty()),
             partitions: var("KAFKA_PARTITIONS", 6)?,
             client_id: var("KAFKA_CLIENT_ID", service.to_owned())?,
             debug: var("KAFKA_DEBUG", String::new())?,
@@ -340,6 +354,7 @@ mod tests {
             brokers: String::new(),
             topic_prefix: "t1.".into(),
             group_id: "g".into(),
+            group_instance_id: None,
             partitions: 1,
             client_id: "c".into(),
             debug: String::new(),

@@ -258,7 +258,12 @@ pub fn subscribe(
     cfg: &KafkaConfig,
     topics: &[String],
 ) -> Result<StreamConsumer<LoggingContext>, rdkafka::error::KafkaError> {
-    let consumer: StreamConsumer<LoggingContext> = kafka::base_config(cfg)
+    let mut config = kafka::base_config(cfg);
+    if let Some(instance) = &cfg.group_instance_id {
+        // Static membership (KAFKA_GROUP_INSTANCE_ID, see KafkaConfig).
+        config.set("group.instance.id", instance);
+    }
+    let consumer: StreamConsumer<LoggingContext> = config
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -326,6 +331,14 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 break;
             };
             if batch.is_empty() {
+                // librdkafka's fatal errors (a static member fenced by
+                // another instance under its KAFKA_GROUP_INSTANCE_ID) end
+                // the consumer for good: stop, and the service with it,
+                // rather than log the same error ten times a second.
+                if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                    outcome = Err(ConsumeError::Consumer(code, reason));
+                    break;
+                }
                 continue;
             }
             match self.process(&batch, &shutdown).await {
@@ -333,7 +346,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 // Shut down mid-retry: leave these offsets unstored.
                 Err(Stop::Cancelled) => break,
                 Err(Stop::Fatal(e)) => {
-                    outcome = Err(ConsumeError(e));
+                    outcome = Err(ConsumeError::Bookkeeping(e));
                     break;
                 }
             }
@@ -722,11 +735,17 @@ impl From<Cancelled> for Stop {
     }
 }
 
-/// The consume loop's own statements (recording processed events,
-/// counters, commits) keep failing for a reason other than unavailability.
+/// Why the consume loop stopped before shutdown.
 #[derive(Debug, thiserror::Error)]
-#[error("the consume loop cannot record its progress: {0}")]
-pub struct ConsumeError(#[source] sqlx::Error);
+pub enum ConsumeError {
+    /// The loop's own statements (recording processed events, counters,
+    /// commits) keep failing for a reason other than unavailability.
+    #[error("the consume loop cannot record its progress: {0}")]
+    Bookkeeping(#[source] sqlx::Error),
+    /// The Kafka consumer raised a fatal error and can consume no more.
+    #[error("the Kafka consumer failed for good ({0:?}): {1}")]
+    Consumer(RDKafkaErrorCode, String),
+}
 
 async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) -> Result<(), Cancelled> {
     shutdown

@@ -155,6 +155,7 @@ mod tests {
             "KAFKA_BROKERS",
             "KAFKA_TOPIC_PREFIX",
             "KAFKA_GROUP_ID",
+            "KAFKA_GROUP_INSTANCE_ID",
             "KAFKA_PARTITIONS",
             "KAFKA_CLIENT_ID",
             "KAFKA_DEBUG",

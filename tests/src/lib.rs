@@ -74,6 +74,7 @@ pub fn test_kafka_config(id: &str, service: &str) -> KafkaConfig {
         brokers: brokers(),
         topic_prefix: format!("t{id}."),
         group_id: format!("t{id}-{service}"),
+        group_instance_id: None,
         partitions: 3,
         client_id: format!("t{id}-{service}"),
         debug: String::new(),

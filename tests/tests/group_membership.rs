@@ -1,0 +1,131 @@
+//! Static group membership (`KAFKA_GROUP_INSTANCE_ID`): a consumer killed
+//! with SIGKILL and started again under the same instance id takes its own
+//! place in the group back, instead of joining next to its dead self and
+//! stopping the whole group until that one's session expires.
+//!
+//! The service runs as its real binary against the shared broker; the
+//! group is read with `DescribeGroups`, as `kafka-consumer-groups
+//! --describe --members` would.
+
+use std::{sync::Arc, time::Duration};
+
+use e2e::{create_database, eventually, process::ServiceProcess, test_kafka_config, unique_id};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The group's state and its members' ids, as the broker describes them.
+async fn describe(admin: &Arc<BaseConsumer>, group: &str) -> (String, Vec<String>) {
+    let (admin, group) = (admin.clone(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let list = admin
+            .fetch_group_list(Some(&group), Duration::from_secs(5))
+            .expect("describe the group");
+        list.groups()
+            .iter()
+            .find(|g| g.name() == group)
+            .map(|g| {
+                let ids = g.members().iter().map(|m| m.id().to_owned()).collect();
+                (g.state().to_owned(), ids)
+            })
+            .unwrap_or_default()
+    })
+    .await
+    .expect("describe task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_killed_and_restarted_takes_its_own_place_back() {
+    let id = unique_id();
+    let url = create_database(format!("t_{id}_payments")).await;
+    let group = format!("t{id}-payment");
+    // Like a StatefulSet pod's name: distinct from the client id (the
+    // service name), which prefixes a dynamic member's id instead.
+    let instance = format!("t{id}-payment-0");
+    let env = [("KAFKA_GROUP_INSTANCE_ID", instance.clone())];
+    let admin: Arc<BaseConsumer> = Arc::new(
+        common::kafka::base_config(&test_kafka_config(&id, "admin"))
+            .create()
+            .expect("admin client"),
+    );
+
+    let payment = ServiceProcess::start("payment", &id, &url, &env);
+    e2e::wait_serving(payment.grpc, "").await;
+    // The broker names a static member after its instance id.
+    let first = eventually("the static member in a stable group", || async {
+        match describe(&admin, &group).await {
+            (state, ids) if state == "Stable" && ids.len() == 1 => ids.into_iter().next(),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        first.starts_with(&format!("{instance}-")),
+        "member {first} is not named after its instance id {instance}"
+    );
+
+    // SIGKILL: no LeaveGroup, the member stays in the group until its
+    // session expires, unless someone takes its place.
+    drop(payment);
+    let payment = ServiceProcess::start("payment", &id, &url, &env);
+    e2e::wait_serving(payment.grpc, "").await;
+    let second = eventually("the restarted member in a stable group", || async {
+        let (state, ids) = describe(&admin, &group).await;
+        // A dynamic member would show up next to the dead one here, for
+        // the 6 s of its session.
+        assert!(
+            ids.len() <= 1,
+            "the restarted instance joined next to its dead self: {ids:?} ({state})"
+        );
+        match ids.as_slice() {
+            [only] if state == "Stable" && *only != first => Some(only.clone()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(second.starts_with(&format!("{instance}-")), "{second}");
+    drop(payment);
+}
+
+/// Two live instances under one instance id (a Deployment given one
+/// `KAFKA_GROUP_INSTANCE_ID` for all its pods): the broker fences the older,
+/// and it stops with an error instead of serving on without consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_fenced_by_another_under_its_instance_id_exits_non_zero() {
+    let id = unique_id();
+    let url = create_database(format!("t_{id}_payments")).await;
+    let env = [("KAFKA_GROUP_INSTANCE_ID", format!("t{id}-payment-0"))];
+    let admin: Arc<BaseConsumer> = Arc::new(
+        common::kafka::base_config(&test_kafka_config(&id, "admin"))
+            .create()
+            .expect("admin client"),
+    );
+    let group = format!("t{id}-payment");
+
+    let mut first = ServiceProcess::start("payment", &id, &url, &env);
+    e2e::wait_serving(first.grpc, "").await;
+    let joined = eventually("the first instance in a stable group", || async {
+        match describe(&admin, &group).await {
+            (state, ids) if state == "Stable" && ids.len() == 1 => ids.into_iter().next(),
+            _ => None,
+        }
+    })
+    .await;
+    let mut second = ServiceProcess::start("payment", &id, &url, &env);
+    e2e::wait_serving(second.grpc, "").await;
+
+    let status = first.exit_status().await;
+    assert!(
+        !status.success(),
+        "the fenced instance exited with {status}"
+    );
+    let log = first.log();
+    assert!(
+        log.contains("the Kafka consumer failed for good"),
+        "the fenced instance did not say why it stopped:\n{log}"
+    );
+    second.assert_running();
+    let (_, ids) = describe(&admin, &group).await;
+    assert!(
+        ids.len() == 1 && ids[0] != joined,
+        "the second instance holds the place: {ids:?}"
+    );
+}
