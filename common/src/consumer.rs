@@ -314,8 +314,35 @@ pub struct ConsumeLoop<H: EventHandler> {
     pub producer: FutureProducer,
     /// Woken after each commit: handlers write outbox events.
     pub outbox: Notifier,
-    pub group_id: String,
+    /// What `consumer` was made from: a fenced static member joins again
+    /// as a new consumer (see [`Fenced`]).
+    pub kafka: KafkaConfig,
+    pub topics: Vec<String>,
     pub config: PipelineConfig,
+}
+
+/// A static member (`KAFKA_GROUP_INSTANCE_ID`) refused with
+/// `FencedInstanceId` can consume no more: librdkafka treats it as fatal.
+/// Either a broker crash reloaded an older record of the group than the
+/// member's last join (the fault suite met this: `kill -9` of a service,
+/// then of the broker), and joining again as a new consumer under the same
+/// instance id cures it; or another live instance holds the same id, and
+/// the two would fence each other in turn forever. So the loop joins again
+/// once, and a second fencing within [`Fenced::WINDOW`] ends it.
+#[derive(Default)]
+struct Fenced {
+    last: Option<std::time::Instant>,
+}
+
+impl Fenced {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Whether this fencing may be cured by joining again.
+    fn may_rejoin(&mut self) -> bool {
+        let again = self.last.is_some_and(|t| t.elapsed() < Self::WINDOW);
+        self.last = Some(std::time::Instant::now());
+        !again
+    }
 }
 
 impl<H: EventHandler> ConsumeLoop<H> {
@@ -324,8 +351,9 @@ impl<H: EventHandler> ConsumeLoop<H> {
     /// failing for a reason other than unavailability (see
     /// [`crate::retry::Streak`]): no record is to blame, so none is
     /// dead-lettered, and the service stops so that someone sees it.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
         let mut outcome = Ok(());
+        let mut fenced = Fenced::default();
         loop {
             let Some(batch) = shutdown.run_until_cancelled(self.next_batch()).await else {
                 break;
@@ -336,6 +364,18 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 // the consumer for good: stop, and the service with it,
                 // rather than log the same error ten times a second.
                 if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                    if code == RDKafkaErrorCode::FencedInstanceId && fenced.may_rejoin() {
+                        tracing::warn!(%reason, "this static group member was fenced; \
+                            joining again as a new consumer (its uncommitted records \
+                            are redelivered and dropped as duplicates)");
+                        match subscribe(&self.kafka, &self.topics) {
+                            Ok(consumer) => {
+                                self.consumer = consumer;
+                                continue;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "joining again failed"),
+                        }
+                    }
                     outcome = Err(ConsumeError::Consumer(code, reason));
                     break;
                 }
@@ -356,7 +396,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
             tracing::debug!(error = %e, "final offset commit");
         }
         self.consumer.unsubscribe();
-        tracing::info!(group = %self.group_id, "consumer stopped");
+        tracing::info!(group = %self.kafka.group_id, "consumer stopped");
         outcome
     }
 
@@ -628,7 +668,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
             (header::DLQ_SOURCE_OFFSET, offset.as_str()),
             (header::DLQ_ERROR, error),
             (header::DLQ_ATTEMPTS, attempts_s.as_str()),
-            (header::DLQ_CONSUMER_GROUP, self.group_id.as_str()),
+            (header::DLQ_CONSUMER_GROUP, self.kafka.group_id.as_str()),
         ] {
             headers = headers.insert(Header {
                 key,
@@ -776,5 +816,28 @@ impl BatchError {
 
     fn is_permanent(&self) -> bool {
         self.sqlx().is_none_or(|e| !db::is_transient(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fenced;
+
+    #[test]
+    fn a_fenced_member_joins_again_once_a_minute() {
+        let mut fenced = Fenced::default();
+        assert!(
+            fenced.may_rejoin(),
+            "the first fencing is cured by joining again"
+        );
+        assert!(
+            !fenced.may_rejoin(),
+            "a second one within the window ends the loop"
+        );
+        fenced.last = fenced.last.and_then(|t| t.checked_sub(Fenced::WINDOW));
+        assert!(
+            fenced.may_rejoin(),
+            "a fencing after the window is a first one again"
+        );
     }
 }

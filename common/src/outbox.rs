@@ -27,7 +27,12 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
-use crate::{config::PipelineConfig, db, kafka, partitions, retry::Streak, trace_context::Carrier};
+use crate::{
+    config::{KafkaConfig, PipelineConfig},
+    db, kafka, partitions,
+    retry::Streak,
+    trace_context::Carrier,
+};
 
 /// Most rows one prune statement deletes. The leader prunes one batch
 /// between two publishing rounds (about 14 ms at 14 µs a row, BENCHMARKS.md),
@@ -259,6 +264,13 @@ enum RelayError {
     Db(#[from] sqlx::Error),
     #[error("publish: {0}")]
     Publish(#[from] rdkafka::error::KafkaError),
+    /// Not one delivery of the round acknowledged, on any partition: the
+    /// producer, not the broker, is what fails (see [`Relay`]).
+    #[error("publish: none of {rows} deliveries acknowledged: {error}")]
+    NoneAcknowledged {
+        rows: usize,
+        error: rdkafka::error::KafkaError,
+    },
 }
 
 impl RelayError {
@@ -267,7 +279,7 @@ impl RelayError {
     fn is_transient(&self) -> bool {
         match self {
             RelayError::Db(e) => db::is_transient(e),
-            RelayError::Publish(_) => true,
+            RelayError::Publish(_) | RelayError::NoneAcknowledged { .. } => true,
         }
     }
 }
@@ -323,9 +335,19 @@ fn publish_span(row: &PendingRow) -> tracing::Span {
 /// When the leader's connection breaks, PostgreSQL releases the lock and
 /// another relay may lead while the old leader's last deliveries are still
 /// in flight: at worst a batch is published twice, each copy in order.
+///
+/// After a broker restart an idempotent producer sometimes never recovers:
+/// the fault suite caught order's relay failing every round with
+/// `MessageTimedOut` on every partition for over a minute while the broker
+/// served everyone else. So a round the broker acknowledged none of
+/// replaces the producer (a new producer id, new connections); the round's
+/// rows are sent again by the new one, and consumers drop what the old one
+/// delivered after all.
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
+    /// What a replacement producer is made from.
+    kafka: KafkaConfig,
     notifier: Notifier,
     batch_size: i64,
     poll_interval: Duration,
@@ -335,10 +357,16 @@ pub struct Relay {
 
 impl Relay {
     #[must_use]
-    pub fn new(pool: PgPool, producer: FutureProducer, cfg: &PipelineConfig) -> Self {
+    pub fn new(
+        pool: PgPool,
+        producer: FutureProducer,
+        kafka: KafkaConfig,
+        cfg: &PipelineConfig,
+    ) -> Self {
         Self {
             pool,
             producer,
+            kafka,
             notifier: Notifier::default(),
             batch_size: cfg.outbox_batch_size,
             poll_interval: cfg.outbox_poll_interval,
@@ -357,7 +385,7 @@ impl Relay {
     /// and flushes the producer. An unreachable database or broker is
     /// waited out; any other error that repeats (see [`Streak`]) ends the
     /// relay with that error, and with it the service.
-    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut streak = Streak::new();
         // The leader's two chores: the outbox's prune (first due one
         // interval after start) and the partitions of processed_events (due
@@ -402,6 +430,9 @@ impl Relay {
                     // leading). A broker error leaves the lead as it is.
                     if matches!(e, RelayError::Db(_)) {
                         leader = None;
+                    }
+                    if matches!(e, RelayError::NoneAcknowledged { .. }) {
+                        self.replace_producer();
                     }
                     let transient = e.is_transient();
                     let delay = streak.failed(e, transient).map_err(|e| {
@@ -473,6 +504,28 @@ impl Relay {
         }
         tracing::info!("outbox relay stopped");
         Ok(())
+    }
+
+    /// Swaps in a new producer (see [`Relay`]). The old one's queue and
+    /// in-flight requests are purged, and it is destroyed off the runtime:
+    /// librdkafka's destroy waits for its broker threads.
+    fn replace_producer(&mut self) {
+        match kafka::producer(&self.kafka) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.producer, fresh);
+                tokio::task::spawn_blocking(move || {
+                    old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                    drop(old);
+                });
+                crate::metrics::outbox_producer_replaced();
+                tracing::warn!(
+                    "the broker acknowledged none of the round: relaying with a new producer"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a new producer could not be made; keeping the old one");
+            }
+        }
     }
 
     /// Takes the lead if no relay holds it, then drains the outbox if this
@@ -576,6 +629,12 @@ impl Relay {
                 %by_partition,
                 "outbox deliveries not acknowledged; the round is sent again"
             );
+            if failed.values().sum::<usize>() == rows.len() {
+                return Err(RelayError::NoneAcknowledged {
+                    rows: rows.len(),
+                    error: e,
+                });
+            }
             return Err(e.into());
         }
         drop(spans);

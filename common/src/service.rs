@@ -187,7 +187,7 @@ impl Service {
         let health_services = vec![grpc_service.to_owned()];
         let mut supervisor = Supervisor::new();
         supervisor.report_to(health.clone(), health_services.clone());
-        let relay = Relay::new(pool.clone(), producer.clone(), &pipeline);
+        let relay = Relay::new(pool.clone(), producer.clone(), kafka_cfg.clone(), &pipeline);
         let outbox = relay.notifier();
         supervisor.spawn_last("outbox relay", |stop| relay.run(stop));
         Ok(Self {
@@ -387,7 +387,8 @@ impl Service {
             pool: self.pool.clone(),
             producer: self.producer.clone(),
             outbox: self.outbox.clone(),
-            group_id: self.kafka.group_id.clone(),
+            kafka: self.kafka.clone(),
+            topics: names,
             config: self.pipeline.clone(),
         }
         .run(self.shutdown.clone());

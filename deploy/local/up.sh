@@ -74,9 +74,13 @@ for svc in payment inventory order; do
   fi
   log "starting $svc (log: $logfile)"
   rotate_log "$logfile"
-  # KAFKA_BROKERS comes exported from lib.sh (this state dir's broker).
+  # KAFKA_BROKERS comes exported from lib.sh (this state dir's broker). One process per
+  # service, always restarted under its name: static group members, which take their
+  # partitions back at once after a crash or a broker restart (README, "Static group
+  # membership").
   GRPC_ADDR="$bind:${PORTS[$svc]}" HTTP_ADDR="$bind:$ORDER_HTTP_PORT" \
     METRICS_ADDR="$bind:${METRICS_PORTS[$svc]}" OTEL_SERVICE_NAME="$svc" \
+    KAFKA_GROUP_INSTANCE_ID="$svc" \
     DATABASE_URL="$(pg_url "${DBS[$svc]}")" \
     nohup setsid "$CARGO_TARGET_DIR/release/$svc" >>"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"

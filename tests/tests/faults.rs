@@ -300,21 +300,37 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
             ("HTTP_ADDR".into(), free_addr().to_string()),
             // Long enough that recovery, not the deadline, decides orders.
             ("ORDER_DEADLINE_SECS".into(), "90".into()),
+            ("KAFKA_GROUP_INSTANCE_ID".into(), "order".into()),
         ],
     );
+    // Static group members (KAFKA_GROUP_INSTANCE_ID), as up.sh runs them: a
+    // member killed and started again, or cut off by a broker restart, takes
+    // its place back at once. (A dynamic one joins next to its dead self and
+    // its whole group waits out the dead one's session: 5-9 s a kill.)
     add(
         "payment-a",
         "payment",
         &payments_url,
-        vec![("KAFKA_CLIENT_ID".into(), "payment-a".into())],
+        vec![
+            ("KAFKA_CLIENT_ID".into(), "payment-a".into()),
+            ("KAFKA_GROUP_INSTANCE_ID".into(), "payment-a".into()),
+        ],
     );
     add(
         "payment-b",
         "payment",
         &payments_url,
-        vec![("KAFKA_CLIENT_ID".into(), "payment-b".into())],
+        vec![
+            ("KAFKA_CLIENT_ID".into(), "payment-b".into()),
+            ("KAFKA_GROUP_INSTANCE_ID".into(), "payment-b".into()),
+        ],
     );
-    add("inventory", "inventory", &inventory_url, vec![]);
+    add(
+        "inventory",
+        "inventory",
+        &inventory_url,
+        vec![("KAFKA_GROUP_INSTANCE_ID".into(), "inventory".into())],
+    );
     for service in services.values_mut() {
         service.start();
     }

@@ -1,7 +1,8 @@
 //! The outbox relay's leadership, against a real PostgreSQL and Kafka: of
 //! several relays on one database (one per replica), exactly one publishes;
 //! when its connection is cut, or it stops, another leads, and every event
-//! reaches the topic once, in the order it was written.
+//! reaches the topic once, in the order it was written. A relay whose
+//! producer delivers nothing replaces it.
 
 use std::time::Duration;
 
@@ -26,13 +27,23 @@ struct Replica {
 
 impl Replica {
     fn start(url: &str, kafka: &common::config::KafkaConfig) -> Self {
+        let producer = common::kafka::producer(kafka).expect("producer");
+        Self::start_with(url, producer, kafka)
+    }
+
+    /// A relay that starts with `producer`, and makes any replacement from
+    /// `kafka`.
+    fn start_with(
+        url: &str,
+        producer: rdkafka::producer::FutureProducer,
+        kafka: &common::config::KafkaConfig,
+    ) -> Self {
         let pool = common::db::pool(&DbConfig {
             url: url.to_owned().into(),
             max_connections: 4,
         })
         .expect("pool");
-        let producer = common::kafka::producer(kafka).expect("producer");
-        let relay = Relay::new(pool, producer, &test_pipeline_config());
+        let relay = Relay::new(pool, producer, kafka.clone(), &test_pipeline_config());
         let stop = CancellationToken::new();
         let run = relay.run(stop.clone());
         let task = tokio::spawn(async move { run.await.map_err(|e| format!("{e:#}")) });
@@ -152,6 +163,50 @@ async fn one_relay_leads_and_another_takes_over() {
     .await;
 
     // Every event once, in the order written: one key, one partition.
+    let records = shopctl::topic::read_all(&kafka, &topic).expect("read topic");
+    let published: Vec<Uuid> = records
+        .iter()
+        .map(|m| {
+            m.headers()
+                .and_then(|h| common::kafka::header_str(h, common::kafka::header::EVENT_ID))
+                .and_then(|id| Uuid::parse_str(id).ok())
+                .expect("an event-id header")
+        })
+        .collect();
+    assert_eq!(published, written, "each event once, in write order");
+}
+
+/// A producer that delivers nothing at all (here: its broker address
+/// answers nobody; in the fault suite: an idempotent producer that never
+/// recovered from a broker restart) fails the relay's round on every
+/// partition; the relay replaces it and publishes with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_whose_producer_delivers_nothing_replaces_it() {
+    let id = unique_id();
+    let url = create_database(format!("t_{id}_relay")).await;
+    let kafka = test_kafka_config(&id, "relay");
+    let shutdown = CancellationToken::new();
+    common::kafka::ensure_topics(&kafka, &[topics::ORDERS], &shutdown)
+        .await
+        .expect("topics");
+    let db = PgPool::connect(&url).await.expect("connect");
+    common::db::migrate(&db, &Migrator::DEFAULT, &shutdown)
+        .await
+        .expect("migrations");
+    let topic = kafka.topic(topics::ORDERS);
+    let nowhere = common::config::KafkaConfig {
+        brokers: e2e::free_addr().to_string(),
+        ..kafka.clone()
+    };
+    let stuck = common::kafka::producer(&nowhere).expect("producer");
+
+    let relay = Replica::start_with(&url, stuck, &kafka);
+    let written = write(&db, &topic, 0..20).await;
+    // The first round times out (message.timeout.ms, 15 s) on every
+    // partition; the next goes out with a new producer.
+    wait_published(&db, 20).await;
+    relay.stop().await;
+
     let records = shopctl::topic::read_all(&kafka, &topic).expect("read topic");
     let published: Vec<Uuid> = records
         .iter()
