@@ -12,6 +12,26 @@ use std::{sync::Arc, time::Duration};
 use e2e::{create_database, eventually, process::ServiceProcess, test_kafka_config, unique_id};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+/// A client that only describes groups.
+fn admin(id: &str) -> Arc<BaseConsumer> {
+    Arc::new(
+        common::kafka::base_config(&test_kafka_config(id, "admin"))
+            .create()
+            .expect("admin client"),
+    )
+}
+
+/// The only member of `group` once the group is stable with one member.
+async fn sole_member(admin: &Arc<BaseConsumer>, group: &str) -> String {
+    eventually("one member in a stable group", || async {
+        match describe(admin, group).await {
+            (state, ids) if state == "Stable" && ids.len() == 1 => ids.into_iter().next(),
+            _ => None,
+        }
+    })
+    .await
+}
+
 /// The group's state and its members' ids, as the broker describes them.
 async fn describe(admin: &Arc<BaseConsumer>, group: &str) -> (String, Vec<String>) {
     let (admin, group) = (admin.clone(), group.to_owned());
@@ -41,22 +61,12 @@ async fn a_static_member_killed_and_restarted_takes_its_own_place_back() {
     // service name), which prefixes a dynamic member's id instead.
     let instance = format!("t{id}-payment-0");
     let env = [("KAFKA_GROUP_INSTANCE_ID", instance.clone())];
-    let admin: Arc<BaseConsumer> = Arc::new(
-        common::kafka::base_config(&test_kafka_config(&id, "admin"))
-            .create()
-            .expect("admin client"),
-    );
+    let admin = admin(&id);
 
     let payment = ServiceProcess::start("payment", &id, &url, &env);
     e2e::wait_serving(payment.grpc, "").await;
     // The broker names a static member after its instance id.
-    let first = eventually("the static member in a stable group", || async {
-        match describe(&admin, &group).await {
-            (state, ids) if state == "Stable" && ids.len() == 1 => ids.into_iter().next(),
-            _ => None,
-        }
-    })
-    .await;
+    let first = sole_member(&admin, &group).await;
     assert!(
         first.starts_with(&format!("{instance}-")),
         "member {first} is not named after its instance id {instance}"
@@ -97,22 +107,12 @@ async fn instances_under_one_instance_id_fence_each_other_until_one_exits_non_ze
     let id = unique_id();
     let url = create_database(format!("t_{id}_payments")).await;
     let env = [("KAFKA_GROUP_INSTANCE_ID", format!("t{id}-payment-0"))];
-    let admin: Arc<BaseConsumer> = Arc::new(
-        common::kafka::base_config(&test_kafka_config(&id, "admin"))
-            .create()
-            .expect("admin client"),
-    );
+    let admin = admin(&id);
     let group = format!("t{id}-payment");
 
     let mut first = ServiceProcess::start("payment", &id, &url, &env);
     e2e::wait_serving(first.grpc, "").await;
-    let joined = eventually("the first instance in a stable group", || async {
-        match describe(&admin, &group).await {
-            (state, ids) if state == "Stable" && ids.len() == 1 => ids.into_iter().next(),
-            _ => None,
-        }
-    })
-    .await;
+    let joined = sole_member(&admin, &group).await;
     let mut second = ServiceProcess::start("payment", &id, &url, &env);
     e2e::wait_serving(second.grpc, "").await;
 

@@ -118,20 +118,59 @@ async fn one_leader(db: &PgPool) -> i32 {
     .await
 }
 
+/// A database with the outbox, and the `orders` topic, of one test.
+struct Setup {
+    url: String,
+    kafka: common::config::KafkaConfig,
+    db: PgPool,
+    topic: String,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let id = unique_id();
+        let url = create_database(format!("t_{id}_relay")).await;
+        let kafka = test_kafka_config(&id, "relay");
+        let shutdown = CancellationToken::new();
+        common::kafka::ensure_topics(&kafka, &[topics::ORDERS], &shutdown)
+            .await
+            .expect("topics");
+        let db = PgPool::connect(&url).await.expect("connect");
+        common::db::migrate(&db, &Migrator::DEFAULT, &shutdown)
+            .await
+            .expect("migrations");
+        let topic = kafka.topic(topics::ORDERS);
+        Self {
+            url,
+            kafka,
+            db,
+            topic,
+        }
+    }
+}
+
+/// The event ids on `topic`, in the order the broker holds them.
+fn published(kafka: &common::config::KafkaConfig, topic: &str) -> Vec<Uuid> {
+    shopctl::topic::read_all(kafka, topic)
+        .expect("read topic")
+        .iter()
+        .map(|m| {
+            m.headers()
+                .and_then(|h| common::kafka::header_str(h, common::kafka::header::EVENT_ID))
+                .and_then(|id| Uuid::parse_str(id).ok())
+                .expect("an event-id header")
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_relay_leads_and_another_takes_over() {
-    let id = unique_id();
-    let url = create_database(format!("t_{id}_relay")).await;
-    let kafka = test_kafka_config(&id, "relay");
-    let shutdown = CancellationToken::new();
-    common::kafka::ensure_topics(&kafka, &[topics::ORDERS], &shutdown)
-        .await
-        .expect("topics");
-    let db = PgPool::connect(&url).await.expect("connect");
-    common::db::migrate(&db, &Migrator::DEFAULT, &shutdown)
-        .await
-        .expect("migrations");
-    let topic = kafka.topic(topics::ORDERS);
+    let Setup {
+        url,
+        kafka,
+        db,
+        topic,
+    } = Setup::new().await;
 
     let a = Replica::start(&url, &kafka);
     let b = Replica::start(&url, &kafka);
@@ -163,17 +202,11 @@ async fn one_relay_leads_and_another_takes_over() {
     .await;
 
     // Every event once, in the order written: one key, one partition.
-    let records = shopctl::topic::read_all(&kafka, &topic).expect("read topic");
-    let published: Vec<Uuid> = records
-        .iter()
-        .map(|m| {
-            m.headers()
-                .and_then(|h| common::kafka::header_str(h, common::kafka::header::EVENT_ID))
-                .and_then(|id| Uuid::parse_str(id).ok())
-                .expect("an event-id header")
-        })
-        .collect();
-    assert_eq!(published, written, "each event once, in write order");
+    assert_eq!(
+        published(&kafka, &topic),
+        written,
+        "each event once, in write order"
+    );
 }
 
 /// A producer that delivers nothing at all (here: its broker address
@@ -182,18 +215,12 @@ async fn one_relay_leads_and_another_takes_over() {
 /// partition; the relay replaces it and publishes with the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_whose_producer_delivers_nothing_replaces_it() {
-    let id = unique_id();
-    let url = create_database(format!("t_{id}_relay")).await;
-    let kafka = test_kafka_config(&id, "relay");
-    let shutdown = CancellationToken::new();
-    common::kafka::ensure_topics(&kafka, &[topics::ORDERS], &shutdown)
-        .await
-        .expect("topics");
-    let db = PgPool::connect(&url).await.expect("connect");
-    common::db::migrate(&db, &Migrator::DEFAULT, &shutdown)
-        .await
-        .expect("migrations");
-    let topic = kafka.topic(topics::ORDERS);
+    let Setup {
+        url,
+        kafka,
+        db,
+        topic,
+    } = Setup::new().await;
     let nowhere = common::config::KafkaConfig {
         brokers: e2e::free_addr().to_string(),
         ..kafka.clone()
@@ -207,15 +234,9 @@ async fn a_relay_whose_producer_delivers_nothing_replaces_it() {
     wait_published(&db, 20).await;
     relay.stop().await;
 
-    let records = shopctl::topic::read_all(&kafka, &topic).expect("read topic");
-    let published: Vec<Uuid> = records
-        .iter()
-        .map(|m| {
-            m.headers()
-                .and_then(|h| common::kafka::header_str(h, common::kafka::header::EVENT_ID))
-                .and_then(|id| Uuid::parse_str(id).ok())
-                .expect("an event-id header")
-        })
-        .collect();
-    assert_eq!(published, written, "each event once, in write order");
+    assert_eq!(
+        published(&kafka, &topic),
+        written,
+        "each event once, in write order"
+    );
 }
