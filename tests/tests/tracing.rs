@@ -176,13 +176,32 @@ async fn one_order_is_one_trace_across_all_three_services() {
                 .count()
         };
         let has = |service: &str, name: &str| count(service, name) > 0;
+        // A status update may reach the receiver before its ancestors (order's
+        // process span ends after it, at the commit, and goes out in a later
+        // export): wait until every one leads up to the caller's span.
+        let by_id: HashMap<String, &Received> =
+            spans.iter().map(|r| (hex(&r.span.span_id), r)).collect();
+        let rooted = |r: &Received| {
+            let mut parent = hex(&r.span.parent_span_id);
+            while let Some(p) = by_id.get(&parent) {
+                parent = hex(&p.span.parent_span_id);
+            }
+            parent == caller_span
+        };
+        let updates = || {
+            spans
+                .iter()
+                .filter(|r| r.service == "order" && r.span.name == "order status update")
+        };
         // One status update per side's result, in whichever order they came.
-        (count("order", "order status update") >= 2
+        let complete = count("order", "order status update") >= 2
+            && updates().all(rooted)
             && has("payment", &orders_process)
             && has("inventory", &orders_process)
             && has("payment", &format!("send t{id}.payments"))
-            && has("inventory", &format!("send t{id}.inventory")))
-        .then_some(spans)
+            && has("inventory", &format!("send t{id}.inventory"));
+        drop(by_id);
+        complete.then_some(spans)
     })
     .await;
     let by_id: HashMap<String, &Received> =
