@@ -617,6 +617,7 @@ impl Relay {
         if let Some(e) = first_error {
             // Which partitions refused tells a broker that lost some
             // partitions from a producer that can send nothing at all.
+            let unacknowledged: usize = failed.values().sum();
             let by_partition = failed
                 .iter()
                 .map(|((topic, partition), n)| format!("{topic}/{partition}: {n}"))
@@ -624,12 +625,12 @@ impl Relay {
                 .join(", ");
             tracing::warn!(
                 error = %e,
-                failed = failed.values().sum::<usize>(),
+                failed = unacknowledged,
                 of = rows.len(),
                 %by_partition,
                 "outbox deliveries not acknowledged; the round is sent again"
             );
-            if failed.values().sum::<usize>() == rows.len() {
+            if unacknowledged == rows.len() {
                 return Err(RelayError::NoneAcknowledged {
                     rows: rows.len(),
                     error: e,
