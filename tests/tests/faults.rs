@@ -545,6 +545,24 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     for (fault, took) in &faults {
         writeln!(out, "   {fault:<50} decided again after {took:.1?}").unwrap();
     }
+    // Two recoveries only the services' logs tell of (their counters start
+    // again with every restart): a relay that replaced a producer the
+    // broker no longer acknowledged, and a static member fenced by the
+    // broker that joined again.
+    let logged = |needle: &str| -> usize {
+        services
+            .values()
+            .map(|s| std::fs::read_to_string(&s.log).unwrap_or_default())
+            .map(|text| text.matches(needle).count())
+            .sum()
+    };
+    writeln!(
+        out,
+        "   relay producers replaced {}, fenced static members joined again {}",
+        logged("relaying with a new producer"),
+        logged("static group member was fenced"),
+    )
+    .unwrap();
     writeln!(
         out,
         "   orders {} (accepted by the load client {accepted}, the rest are probes; client retries {}): confirmed {}, cancelled {}\n   \
