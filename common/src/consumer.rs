@@ -365,6 +365,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 // rather than log the same error ten times a second.
                 if let Some((code, reason)) = self.consumer.client().fatal_error() {
                     if code == RDKafkaErrorCode::FencedInstanceId && fenced.may_rejoin() {
+                        // The fault suite counts this line in the services' logs.
                         tracing::warn!(%reason, "this static group member was fenced; \
                             joining again as a new consumer (its uncommitted records \
                             are redelivered and dropped as duplicates)");

@@ -518,6 +518,7 @@ impl Relay {
                     drop(old);
                 });
                 crate::metrics::outbox_producer_replaced();
+                // The fault suite counts this line in the services' logs.
                 tracing::warn!(
                     "the broker acknowledged none of the round: relaying with a new producer"
                 );
