@@ -195,8 +195,8 @@ pub struct KafkaConfig {
     /// member does not leave the group when it stops either, so give it only
     /// to instances that come back under the same name and are restarted by
     /// a supervisor (a `StatefulSet`'s pod), never to a `Deployment`'s pods:
-    /// a member the broker fences joins again once, then ends the consume
-    /// loop (README, "Static group membership").
+    /// a member the broker fences joins again, up to three times a minute,
+    /// then ends the consume loop (README, "Static group membership").
     pub group_instance_id: Option<String>,
     /// `KAFKA_PARTITIONS` (default 6): partitions of topics this service
     /// creates when they are missing.

@@ -323,25 +323,42 @@ pub struct ConsumeLoop<H: EventHandler> {
 
 /// A static member (`KAFKA_GROUP_INSTANCE_ID`) refused with
 /// `FencedInstanceId` can consume no more: librdkafka treats it as fatal.
-/// Either a broker crash reloaded an older record of the group than the
-/// member's last join (the fault suite met this: `kill -9` of a service,
-/// then of the broker), and joining again as a new consumer under the same
-/// instance id cures it; or another live instance holds the same id, and
-/// the two would fence each other in turn forever. So the loop joins again
-/// once, and a second fencing within [`Fenced::WINDOW`] ends it.
+/// Either the broker was away for longer than the session (a restart or a
+/// crash): the member's group session lapsed, and its next offset commit
+/// or heartbeat under the old member id is refused once the broker is back
+/// (librdkafka issue 3437; here after most broker restarts); or
+/// another live instance holds the same id, and the two fence each other in
+/// turn every few seconds, forever. Joining again as a new consumer under
+/// the same instance id cures the first. So the loop joins again, and a
+/// fencing with [`Fenced::REJOINS`] others in the [`Fenced::WINDOW`] before it
+/// ends it: two broker restarts a minute apart are survived (one fencing
+/// after each), while two instances under one id run out of rejoins within
+/// seconds.
 #[derive(Default)]
 struct Fenced {
-    last: Option<std::time::Instant>,
+    /// When the rejoins of the last window happened.
+    recent: std::collections::VecDeque<std::time::Instant>,
 }
 
 impl Fenced {
     const WINDOW: Duration = Duration::from_secs(60);
+    const REJOINS: usize = 3;
 
     /// Whether this fencing may be cured by joining again.
     fn may_rejoin(&mut self) -> bool {
-        let again = self.last.is_some_and(|t| t.elapsed() < Self::WINDOW);
-        self.last = Some(std::time::Instant::now());
-        !again
+        let now = std::time::Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Self::WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= Self::REJOINS {
+            return false;
+        }
+        self.recent.push_back(now);
+        true
     }
 }
 
@@ -825,20 +842,22 @@ mod tests {
     use super::Fenced;
 
     #[test]
-    fn a_fenced_member_joins_again_once_a_minute() {
+    fn a_fenced_member_joins_again_three_times_a_minute() {
         let mut fenced = Fenced::default();
-        assert!(
-            fenced.may_rejoin(),
-            "the first fencing is cured by joining again"
-        );
+        for n in 1..=Fenced::REJOINS {
+            assert!(fenced.may_rejoin(), "fencing {n} is cured by joining again");
+        }
         assert!(
             !fenced.may_rejoin(),
-            "a second one within the window ends the loop"
+            "one more within the window ends the loop"
         );
-        fenced.last = fenced.last.and_then(|t| t.checked_sub(Fenced::WINDOW));
+        // The oldest rejoin leaves the window: one more is allowed.
+        let oldest = fenced.recent.front_mut().unwrap();
+        *oldest = oldest.checked_sub(Fenced::WINDOW).unwrap();
         assert!(
             fenced.may_rejoin(),
-            "a fencing after the window is a first one again"
+            "a fencing once the oldest has left the window joins again"
         );
+        assert!(!fenced.may_rejoin(), "and the window is full again");
     }
 }

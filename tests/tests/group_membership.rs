@@ -97,11 +97,10 @@ async fn a_static_member_killed_and_restarted_takes_its_own_place_back() {
 
 /// Two live instances under one instance id (a Deployment given one
 /// `KAFKA_GROUP_INSTANCE_ID` for all its pods): the broker fences the older.
-/// A fenced member joins again once (what cures a broker that reloaded an
-/// older record of the group), which fences the other, which does the
-/// same; fenced a second time within a minute, the first stops with an
-/// error instead of fencing the other forever or serving on without
-/// consuming.
+/// A fenced member joins again (what cures a broker restart that outlasted
+/// its session), which fences the other, which does the same; out of
+/// rejoins (three a minute), the first stops with an error instead of
+/// fencing the other forever or serving on without consuming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_under_one_instance_id_fence_each_other_until_one_exits_non_zero() {
     let id = unique_id();
@@ -125,7 +124,7 @@ async fn instances_under_one_instance_id_fence_each_other_until_one_exits_non_ze
     assert!(
         log.contains("joining again as a new consumer")
             && log.contains("the Kafka consumer failed for good"),
-        "the first instance did not join again once, then stop saying why:\n{log}"
+        "the first instance did not join again, then stop saying why:\n{log}"
     );
     second.assert_running();
     let log = second.log();
