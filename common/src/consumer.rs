@@ -331,9 +331,9 @@ pub struct ConsumeLoop<H: EventHandler> {
 /// turn every few seconds, forever. Joining again as a new consumer under
 /// the same instance id cures the first. So the loop joins again, and a
 /// fencing with [`Fenced::REJOINS`] others in the [`Fenced::WINDOW`] before it
-/// ends it: two broker restarts a minute apart are survived (one fencing
-/// after each), while two instances under one id run out of rejoins within
-/// seconds.
+/// ends it: up to three broker restarts within a minute are survived (one
+/// fencing after each), while two instances under one id run out of rejoins
+/// within seconds.
 #[derive(Default)]
 struct Fenced {
     /// When the rejoins of the last window happened.
