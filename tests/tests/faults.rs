@@ -276,9 +276,16 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
         ]
     };
     let mut services: HashMap<&str, Service> = HashMap::new();
+    // Every service is a static group member named after its key, as up.sh
+    // runs them: a member killed and started again, or cut off by a broker
+    // restart, takes its place back at once. (A dynamic one joins next to its
+    // dead self and its whole group waits out the dead one's session: 5-9 s a
+    // kill.) The key is its Kafka client id too.
     let mut add = |key: &'static str, binary_name: &str, db: &str, extra: Vec<(String, String)>| {
         let grpc = free_addr();
         let mut env = common_env(binary_name, db, grpc);
+        env.push(("KAFKA_CLIENT_ID".into(), key.into()));
+        env.push(("KAFKA_GROUP_INSTANCE_ID".into(), key.into()));
         env.extend(extra);
         services.insert(
             key,
@@ -300,37 +307,11 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
             ("HTTP_ADDR".into(), free_addr().to_string()),
             // Long enough that recovery, not the deadline, decides orders.
             ("ORDER_DEADLINE_SECS".into(), "90".into()),
-            ("KAFKA_GROUP_INSTANCE_ID".into(), "order".into()),
         ],
     );
-    // Static group members (KAFKA_GROUP_INSTANCE_ID), as up.sh runs them: a
-    // member killed and started again, or cut off by a broker restart, takes
-    // its place back at once. (A dynamic one joins next to its dead self and
-    // its whole group waits out the dead one's session: 5-9 s a kill.)
-    add(
-        "payment-a",
-        "payment",
-        &payments_url,
-        vec![
-            ("KAFKA_CLIENT_ID".into(), "payment-a".into()),
-            ("KAFKA_GROUP_INSTANCE_ID".into(), "payment-a".into()),
-        ],
-    );
-    add(
-        "payment-b",
-        "payment",
-        &payments_url,
-        vec![
-            ("KAFKA_CLIENT_ID".into(), "payment-b".into()),
-            ("KAFKA_GROUP_INSTANCE_ID".into(), "payment-b".into()),
-        ],
-    );
-    add(
-        "inventory",
-        "inventory",
-        &inventory_url,
-        vec![("KAFKA_GROUP_INSTANCE_ID".into(), "inventory".into())],
-    );
+    add("payment-a", "payment", &payments_url, vec![]);
+    add("payment-b", "payment", &payments_url, vec![]);
+    add("inventory", "inventory", &inventory_url, vec![]);
     for service in services.values_mut() {
         service.start();
     }
