@@ -75,6 +75,24 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The spans by id, for [`ancestors`].
+fn by_span_id(spans: &[Received]) -> HashMap<String, &Received> {
+    spans.iter().map(|r| (hex(&r.span.span_id), r)).collect()
+}
+
+/// `r`'s ancestors among the received spans, nearest first, as
+/// `service:name`, and the parent id the chain ends at (the caller's span
+/// when the whole chain has arrived).
+fn ancestors(by_id: &HashMap<String, &Received>, r: &Received) -> (Vec<String>, String) {
+    let mut chain = vec![];
+    let mut parent = hex(&r.span.parent_span_id);
+    while let Some(p) = by_id.get(&parent) {
+        chain.push(format!("{}:{}", p.service, p.span.name));
+        parent = hex(&p.span.parent_span_id);
+    }
+    (chain, parent)
+}
+
 fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
     span.attributes
         .iter()
@@ -179,15 +197,8 @@ async fn one_order_is_one_trace_across_all_three_services() {
         // A status update may reach the receiver before its ancestors (order's
         // process span ends after it, at the commit, and goes out in a later
         // export): wait until every one leads up to the caller's span.
-        let by_id: HashMap<String, &Received> =
-            spans.iter().map(|r| (hex(&r.span.span_id), r)).collect();
-        let rooted = |r: &Received| {
-            let mut parent = hex(&r.span.parent_span_id);
-            while let Some(p) = by_id.get(&parent) {
-                parent = hex(&p.span.parent_span_id);
-            }
-            parent == caller_span
-        };
+        let by_id = by_span_id(&spans);
+        let rooted = |r: &Received| ancestors(&by_id, r).1 == caller_span;
         let updates = || {
             spans
                 .iter()
@@ -204,23 +215,13 @@ async fn one_order_is_one_trace_across_all_three_services() {
         complete.then_some(spans)
     })
     .await;
-    let by_id: HashMap<String, &Received> =
-        spans.iter().map(|r| (hex(&r.span.span_id), r)).collect();
-    let ancestors = |r: &Received| {
-        let mut chain = vec![];
-        let mut parent = hex(&r.span.parent_span_id);
-        while let Some(p) = by_id.get(&parent) {
-            chain.push(format!("{}:{}", p.service, p.span.name));
-            parent = hex(&p.span.parent_span_id);
-        }
-        (chain, parent)
-    };
+    let by_id = by_span_id(&spans);
 
     // The trace as a tree, for the reader (`--nocapture` shows it).
     let mut lines: Vec<(Vec<String>, String)> = spans
         .iter()
         .map(|r| {
-            let (mut chain, _) = ancestors(r);
+            let (mut chain, _) = ancestors(&by_id, r);
             chain.reverse();
             chain.push(format!("{}:{}", r.service, r.span.name));
             (
@@ -257,7 +258,7 @@ async fn one_order_is_one_trace_across_all_three_services() {
         let chains: Vec<_> = spans
             .iter()
             .filter(|r| r.service == service && r.span.name == name)
-            .map(ancestors)
+            .map(|r| ancestors(&by_id, r))
             .collect();
         assert!(!chains.is_empty(), "no {service} {name} span");
         let (chain, root_parent) = chains
