@@ -10,7 +10,7 @@
 //!
 //! The ports open before the dependencies are waited for, so that probes
 //! get an answer (`NOT_SERVING`) rather than a refused connection.
-//! [`Running::run`] hands every task to the [`Supervisor`]: a task that
+//! [`Running::run`] supervises every task (see [`Supervisor`]): a task that
 //! ends before shutdown stops the service with an error, which [`main`]
 //! turns into a non-zero exit.
 
@@ -153,6 +153,9 @@ pub struct Service {
     pipeline: PipelineConfig,
     supervisor: Supervisor,
     outbox: Notifier,
+    /// Started by [`Service::prepare`], once the outbox table exists and
+    /// the broker is known to be the right one.
+    relay: Option<Relay>,
     health: HealthReporter,
     health_services: Vec<String>,
     readiness: Readiness,
@@ -189,7 +192,6 @@ impl Service {
         supervisor.report_to(health.clone(), health_services.clone());
         let relay = Relay::new(pool.clone(), producer.clone(), kafka_cfg.clone(), &pipeline);
         let outbox = relay.notifier();
-        supervisor.spawn_last("outbox relay", |stop| relay.run(stop));
         Ok(Self {
             pool,
             producer,
@@ -197,6 +199,7 @@ impl Service {
             pipeline,
             supervisor,
             outbox,
+            relay: Some(relay),
             health,
             health_services,
             readiness: Readiness::default(),
@@ -333,7 +336,7 @@ impl Service {
     /// this database belongs with (waiting, refused, while it is not: see
     /// [`crate::broker_identity`]) and creates the pipeline's topics,
     /// waiting (with backoff) for the database and the broker to be
-    /// reachable.
+    /// reachable; then starts the outbox relay.
     pub async fn prepare(&mut self, migrator: &Migrator) -> Result<(), StartError> {
         db::migrate(&self.pool, migrator, &self.shutdown).await?;
         let cluster_id =
@@ -351,6 +354,10 @@ impl Service {
             self.shutdown.clone(),
         );
         self.supervisor.spawn("Kafka cluster watch", watch);
+        if let Some(relay) = self.relay.take() {
+            self.supervisor
+                .spawn_last("outbox relay", |stop| relay.run(stop));
+        }
         Ok(())
     }
 
@@ -409,13 +416,14 @@ impl Service {
         self.supervisor.spawn(name, task);
     }
 
-    /// Runs a task that starts with [`Running::run`] and is stopped, through
-    /// the token it is given, only after every front task (the servers, so
-    /// every in-flight call) has finished: a writer that in-flight calls
-    /// wait on (order's group commit) must outlive them.
+    /// Runs a task at once that is stopped, through the token it is given,
+    /// only after every front task (the servers, so every in-flight call)
+    /// has finished: a writer that in-flight calls wait on (order's group
+    /// commit) must outlive them. Spawn it before [`Service::ready`]: a
+    /// call let in before its writer runs would wait for it.
     pub fn spawn_last<F, Fut>(&mut self, name: &'static str, task: F)
     where
-        F: FnOnce(CancellationToken) -> Fut + Send + Sync + 'static,
+        F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = TaskResult> + Send + 'static,
     {
         self.supervisor.spawn_last(name, task);

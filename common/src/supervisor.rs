@@ -13,7 +13,7 @@
 //! in-flight work commits; only then are the last tasks (the outbox relay)
 //! told to stop, so that they publish what the front tasks wrote.
 
-use std::{collections::HashMap, future::Future, pin::Pin};
+use std::{collections::HashMap, future::Future};
 
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -33,16 +33,10 @@ pub struct TaskFailed {
 /// asked to, `Err` when it cannot go on.
 pub type TaskResult = anyhow::Result<()>;
 
-/// A last task, started by [`Supervisor::run`].
-type LastTask = Box<
-    dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync,
->;
-
 /// See the module docs.
 pub struct Supervisor {
     front: JoinSet<TaskResult>,
     last: JoinSet<TaskResult>,
-    pending_last: Vec<(&'static str, LastTask)>,
     last_stop: CancellationToken,
     names: HashMap<Id, &'static str>,
     health: Option<(HealthReporter, Vec<String>)>,
@@ -60,7 +54,6 @@ impl Supervisor {
         Self {
             front: JoinSet::new(),
             last: JoinSet::new(),
-            pending_last: Vec::new(),
             last_stop: CancellationToken::new(),
             names: HashMap::new(),
             health: None,
@@ -82,26 +75,21 @@ impl Supervisor {
         self.names.insert(handle.id(), name);
     }
 
-    /// Registers a task that starts when [`Supervisor::run`] does (once
-    /// start-up is complete: the outbox relay needs the migrated tables)
-    /// and is stopped, through the token it is given, only after every
-    /// front task has finished.
+    /// Runs a task at once that is stopped, through the token it is given,
+    /// only after every front task has finished (a writer that front tasks
+    /// wait on must outlive them).
     pub fn spawn_last<F, Fut>(&mut self, name: &'static str, task: F)
     where
-        F: FnOnce(CancellationToken) -> Fut + Send + Sync + 'static,
+        F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = TaskResult> + Send + 'static,
     {
-        self.pending_last
-            .push((name, Box::new(move |stop| Box::pin(task(stop)))));
+        let handle = self.last.spawn(task(self.last_stop.clone()));
+        self.names.insert(handle.id(), name);
     }
 
     /// Runs until `shutdown` fires or a task ends early (see module docs);
     /// returns once every task has stopped.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), TaskFailed> {
-        for (name, task) in std::mem::take(&mut self.pending_last) {
-            let handle = self.last.spawn(task(self.last_stop.clone()));
-            self.names.insert(handle.id(), name);
-        }
         let early = tokio::select! {
             biased;
             () = shutdown.cancelled() => None,

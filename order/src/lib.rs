@@ -147,12 +147,14 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Applic
         .await
         .map_err(StartError::step("loading the catalog"))?;
     let _ = catalog.set(loaded);
-    service.ready();
-    // Last tasks: they outlive the servers' in-flight calls, which wait on them.
+    // Last tasks: they outlive the servers' in-flight calls, which wait on
+    // them; they run before the API lets a call in, so that the first calls
+    // find a writer idle instead of queueing for one.
     for _ in 0..writer.writers() {
         let writer = writer.clone();
         service.spawn_last("order intake writer", move |stop| writer.run(stop));
     }
+    service.ready();
     service.spawn_consumer(
         &[topics::PAYMENTS, topics::INVENTORY],
         consumer::SagaHandler {

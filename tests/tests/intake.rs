@@ -302,8 +302,10 @@ async fn saturated_pool_sheds_with_unavailable_instead_of_queueing() {
     const QUEUE: Duration = Duration::from_millis(200);
     let p = Pipeline::start_with(limits(0, 0, QUEUE)).await;
     let lock = block_inserts(&p).await;
-    // The test pool has 5 connections: at most 5 calls can be waiting on the
-    // lock; the rest find no connection within the queue timeout.
+    // The first call finds the writer idle and waits on the lock with it
+    // (the writer runs before the API lets calls in: started after them, it
+    // took every queued call as one group and nothing was shed); the rest
+    // queue for the writer and are shed at the queue timeout.
     let orders = p.orders().await;
     let calls = (0..20).map(|i| create(orders.clone(), format!("c{i}"), format!("S{i}")));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
