@@ -8,12 +8,15 @@
 #   $SHOP_STATE_DIR/postgres/            its Unix socket (admin access, peer auth)
 #   $SHOP_STATE_DIR/logs/postgres.log    the server log
 #
-# usage: deploy/local/postgres.sh {start|stop|restart|status|kill}
+# usage: deploy/local/postgres.sh {start|stop|restart|status|kill|drop-test-databases}
 #   start    create the cluster if missing, start it, ensure role and databases (idempotent)
 #   stop     fast shutdown (rolls back open transactions); data stays
 #   restart  stop + start, same data
 #   status   exit 0 when running and accepting connections on $PGPORT
 #   kill     SIGKILL the postmaster and its backends, like a crash; the next start recovers
+#   drop-test-databases  drop the per-test databases (t_*) earlier test runs left behind: a
+#            whole test run leaves ~180 (7 GB), and a start after a crash fsyncs every file
+#            of the cluster before it replays the WAL (56 s instead of 1 s on a loaded machine)
 #   env: PGPORT (5432 + SHOP_PORT_OFFSET), PG_MAX_CONNECTIONS (400), PG_SHARED_BUFFERS (512MB), SHOP_STATE_DIR
 #
 # A Debian-managed cluster (pg_createcluster, e.g. the package's 15/main, or the one this script
@@ -410,6 +413,20 @@ cmd_kill() {
   done
 }
 
+cmd_drop_test_databases() {
+  running || die "PostgreSQL ($PG_DATA) is not running; run '$0 start' first"
+  PG_VER="$(pg_version)"
+  PG_BIN="/usr/lib/postgresql/$PG_VER/bin"
+  ensure_reachable "$PG_STATE"
+  local db dropped=0
+  while read -r db; do
+    [[ -n "$db" ]] || continue
+    psql_admin -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
+    dropped=$((dropped + 1))
+  done < <(psql_admin -At -c "SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'")
+  ((dropped == 0)) || log "dropped $dropped databases left by earlier test runs"
+}
+
 cmd_status() {
   if running; then
     PG_VER="$(pg_version)"
@@ -434,8 +451,9 @@ case "${1:-}" in
     ;;
   status) cmd_status ;;
   kill) cmd_kill ;;
+  drop-test-databases) cmd_drop_test_databases ;;
   *)
-    echo "usage: $0 {start|stop|restart|status|kill}" >&2
+    echo "usage: $0 {start|stop|restart|status|kill|drop-test-databases}" >&2
     exit 2
     ;;
 esac

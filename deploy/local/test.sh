@@ -25,14 +25,7 @@ export TEST_DATABASE_URL="${TEST_DATABASE_URL:-$(pg_url postgres)}"
 "$here/kafka.sh" start
 
 # Each test creates its own databases (t_<id>_*); drop those of earlier runs.
-log "dropping test databases left by earlier runs"
-psql -qAt "$TEST_DATABASE_URL" \
-  -c "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'" |
-  while read -r db; do
-    psql -q "$TEST_DATABASE_URL" \
-      -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
-  done
-
+"$here/postgres.sh" drop-test-databases
 "$here/kafka.sh" delete-test-topics
 
 ensure_build_deps
