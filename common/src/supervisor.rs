@@ -178,7 +178,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::Arc, time::Duration};
 
     use super::*;
 
@@ -205,6 +205,25 @@ mod tests {
             anyhow::ensure!(done.is_cancelled(), "stopped before the front task");
             Ok(())
         });
+        shutdown.cancel();
+        s.run(shutdown).await.expect("clean shutdown");
+    }
+
+    /// Order's intake writers must run before its API lets a call in, which
+    /// is before the service's `run()`: a last task runs once spawned.
+    #[tokio::test]
+    async fn a_last_task_runs_before_the_supervisor_does() {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let mut s = Supervisor::new();
+        let signal = started.clone();
+        s.spawn_last("writer", move |stop| async move {
+            signal.notify_one();
+            until(stop).await
+        });
+        tokio::time::timeout(Duration::from_secs(5), started.notified())
+            .await
+            .expect("the last task started without run()");
+        let shutdown = CancellationToken::new();
         shutdown.cancel();
         s.run(shutdown).await.expect("clean shutdown");
     }
