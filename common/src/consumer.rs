@@ -27,7 +27,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rdkafka::{
@@ -191,10 +191,35 @@ pub fn parse_id(what: &str, value: &str) -> Result<Uuid, HandlerError> {
 /// were not stored, so their new owner (or we, on reassignment) fetch them
 /// again from the committed offset. Per-partition, hence per-customer,
 /// order holds across rebalances.
-#[derive(Default)]
+///
+/// It also knows since when the consumer has had no assignment (from its
+/// creation or a revocation until the next assignment, an empty one
+/// included): see [`ConsumeLoop::OUT_OF_GROUP_LIMIT`].
 pub struct LoggingContext {
     revocations: std::sync::atomic::AtomicU64,
     lag: metrics::LagGauges,
+    unassigned_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LoggingContext {
+    fn new() -> Self {
+        Self {
+            revocations: std::sync::atomic::AtomicU64::default(),
+            lag: metrics::LagGauges::default(),
+            unassigned_since: std::sync::Mutex::new(Some(Instant::now())),
+        }
+    }
+
+    fn unassigned(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.unassigned_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long the consumer has been without an assignment, if it is.
+    fn unassigned_for(&self) -> Option<Duration> {
+        self.unassigned().map(|since| since.elapsed())
+    }
 }
 
 impl ClientContext for LoggingContext {
@@ -208,11 +233,15 @@ impl ConsumerContext for LoggingContext {
         if let Rebalance::Revoke(_) = rebalance {
             self.revocations
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.unassigned().get_or_insert_with(Instant::now);
         }
         tracing::info!(rebalance = %describe(rebalance), "partitions being rebalanced");
     }
 
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            *self.unassigned() = None;
+        }
         tracing::info!(rebalance = %describe(rebalance), "partitions rebalanced");
     }
 
@@ -291,7 +320,7 @@ pub fn subscribe(
         .set("queued.max.messages.kbytes", "1024")
         // For the consumer lag gauge (ClientContext::stats).
         .set("statistics.interval.ms", "5000")
-        .create_with_context(LoggingContext::default())?;
+        .create_with_context(LoggingContext::new())?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     Ok(consumer)
@@ -337,7 +366,7 @@ pub struct ConsumeLoop<H: EventHandler> {
 #[derive(Default)]
 struct Fenced {
     /// When the rejoins of the last window happened.
-    recent: std::collections::VecDeque<std::time::Instant>,
+    recent: std::collections::VecDeque<Instant>,
 }
 
 impl Fenced {
@@ -346,7 +375,7 @@ impl Fenced {
 
     /// Whether this fencing may be cured by joining again.
     fn may_rejoin(&mut self) -> bool {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         while self
             .recent
             .front()
@@ -363,6 +392,37 @@ impl Fenced {
 }
 
 impl<H: EventHandler> ConsumeLoop<H> {
+    /// How long a consumer may be without an assignment before the loop
+    /// makes a new one. A join that completes takes at most the rebalance
+    /// timeout (`max.poll.interval.ms`, 30 s) once the broker answers; the
+    /// fault suite at 1,000/s caught order's consumer, revoked during a
+    /// broker restart, never joining again: no heartbeat and no `JoinGroup`
+    /// reached the broker for over 60 s, and nothing was logged (BENCHMARKS.md,
+    /// eleventh session). While the broker is down this makes a new
+    /// consumer every 40 s, which costs nothing.
+    const OUT_OF_GROUP_LIMIT: Duration = Duration::from_secs(40);
+    /// How often an idle loop looks at its consumer.
+    const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+    /// Replaces the consumer by a new one under the same settings (and
+    /// static instance id); false when it cannot be made. The old one is
+    /// closed off the runtime: closing a consumer whose group is stuck may
+    /// wait on the broker. Its stored but uncommitted offsets are lost: those
+    /// records are redelivered and dropped as duplicates.
+    fn join_again(&mut self) -> bool {
+        match subscribe(&self.kafka, &self.topics) {
+            Ok(consumer) => {
+                let old = std::mem::replace(&mut self.consumer, consumer);
+                tokio::task::spawn_blocking(move || drop(old));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "joining again failed");
+                false
+            }
+        }
+    }
+
     /// Consumes until `shutdown`, then commits the stored offsets. Returns
     /// an error when the loop's own bookkeeping in the database keeps
     /// failing for a reason other than unavailability (see
@@ -386,16 +446,23 @@ impl<H: EventHandler> ConsumeLoop<H> {
                         tracing::warn!(%reason, "this static group member was fenced; \
                             joining again as a new consumer (its uncommitted records \
                             are redelivered and dropped as duplicates)");
-                        match subscribe(&self.kafka, &self.topics) {
-                            Ok(consumer) => {
-                                self.consumer = consumer;
-                                continue;
-                            }
-                            Err(e) => tracing::warn!(error = %e, "joining again failed"),
+                        if self.join_again() {
+                            continue;
                         }
                     }
                     outcome = Err(ConsumeError::Consumer(code, reason));
                     break;
+                }
+                if let Some(out) = self.consumer.context().unassigned_for()
+                    && out >= Self::OUT_OF_GROUP_LIMIT
+                {
+                    // The fault suite counts this line in the services' logs.
+                    tracing::warn!(
+                        secs = out.as_secs(),
+                        "no partitions assigned for this long: the group's join never \
+                         completed; joining again as a new consumer"
+                    );
+                    self.join_again();
                 }
                 continue;
             }
@@ -429,7 +496,12 @@ impl<H: EventHandler> ConsumeLoop<H> {
                 .load(std::sync::atomic::Ordering::SeqCst)
         };
         let mut batch = Vec::new();
-        match self.consumer.recv().await {
+        // Back empty-handed now and then, so that the loop can see a
+        // consumer that is out of its group.
+        let Ok(first) = tokio::time::timeout(Self::IDLE_CHECK, self.consumer.recv()).await else {
+            return batch;
+        };
+        match first {
             Ok(m) => batch.push(m.detach()),
             Err(e) => {
                 // Broker unreachable and the like: librdkafka reconnects.

@@ -546,10 +546,11 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     for (fault, took) in &faults {
         writeln!(out, "   {fault:<50} decided again after {took:.1?}").unwrap();
     }
-    // Two recoveries only the services' logs tell of (their counters start
+    // Recoveries only the services' logs tell of (their counters start
     // again with every restart): a relay that replaced a producer the
-    // broker no longer acknowledged, and a static member fenced by the
-    // broker that joined again.
+    // broker no longer acknowledged, a static member fenced by the broker
+    // that joined again, and a consumer whose group join never completed
+    // that joined again.
     let logged = |needle: &str| -> usize {
         services
             .values()
@@ -559,9 +560,10 @@ async fn nothing_lost_nothing_done_twice_under_faults() {
     };
     writeln!(
         out,
-        "   relay producers replaced {}, fenced static members joined again {}",
+        "   relay producers replaced {}, fenced static members joined again {}, consumers stuck out of their group joined again {}",
         logged("relaying with a new producer"),
         logged("static group member was fenced"),
+        logged("the group's join never"),
     )
     .unwrap();
     writeln!(
