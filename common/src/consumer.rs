@@ -405,15 +405,17 @@ impl<H: EventHandler> ConsumeLoop<H> {
     const IDLE_CHECK: Duration = Duration::from_secs(5);
 
     /// Replaces the consumer by a new one under the same settings (and
-    /// static instance id); false when it cannot be made. The old one is
+    /// static instance id), counted under `reason` in
+    /// [`metrics::CONSUMERS_REPLACED`]; false when it cannot be made. The old one is
     /// closed off the runtime: closing a consumer whose group is stuck may
     /// wait on the broker. Its stored but uncommitted offsets are lost: those
     /// records are redelivered and dropped as duplicates.
-    fn join_again(&mut self) -> bool {
+    fn join_again(&mut self, reason: &'static str) -> bool {
         match subscribe(&self.kafka, &self.topics) {
             Ok(consumer) => {
                 let old = std::mem::replace(&mut self.consumer, consumer);
                 tokio::task::spawn_blocking(move || drop(old));
+                metrics::consumer_replaced(reason);
                 true
             }
             Err(e) => {
@@ -446,7 +448,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
                         tracing::warn!(%reason, "this static group member was fenced; \
                             joining again as a new consumer (its uncommitted records \
                             are redelivered and dropped as duplicates)");
-                        if self.join_again() {
+                        if self.join_again("fenced") {
                             continue;
                         }
                     }
@@ -462,7 +464,7 @@ impl<H: EventHandler> ConsumeLoop<H> {
                         "no partitions assigned for this long: the group's join never \
                          completed; joining again as a new consumer"
                     );
-                    self.join_again();
+                    self.join_again("out_of_group");
                 }
                 continue;
             }

@@ -16,6 +16,7 @@
 //! | [`EVENTS_PUBLISHED`] | counter | `topic`, `event_type` | the outbox relay, once the broker has the batch |
 //! | [`OUTBOX_PENDING`] | gauge | | outbox rows not yet published, counted by the relay at most once a second |
 //! | [`OUTBOX_PRODUCERS_REPLACED`] | counter | | the outbox relay replaced its producer after a round the broker acknowledged none of |
+//! | [`CONSUMERS_REPLACED`] | counter | `reason` (`fenced`, `out_of_group`) | the consume loop made a new consumer: a fenced static member, or one without an assignment for 40 s |
 //! | [`EVENTS_CONSUMED`] | counter | `topic`, `event_type`, `outcome` | the consume loop: applied, duplicate, `dead_lettered`, skipped |
 //! | [`CONSUMER_LAG`] | gauge | `topic`, `partition` | librdkafka statistics, every 5 s |
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
@@ -58,6 +59,7 @@ pub const HTTP_SERVER_DURATION: &str = "shop_http_server_duration_seconds";
 pub const EVENTS_PUBLISHED: &str = "shop_events_published_total";
 pub const OUTBOX_PENDING: &str = "shop_outbox_pending";
 pub const OUTBOX_PRODUCERS_REPLACED: &str = "shop_outbox_producers_replaced_total";
+pub const CONSUMERS_REPLACED: &str = "shop_consumers_replaced_total";
 pub const EVENTS_CONSUMED: &str = "shop_events_consumed_total";
 pub const CONSUMER_LAG: &str = "shop_consumer_lag";
 pub const DB_POOL_CONNECTIONS: &str = "shop_db_pool_connections";
@@ -144,6 +146,10 @@ fn describe() {
     describe_counter!(
         OUTBOX_PRODUCERS_REPLACED,
         "Producers the outbox relay replaced after a round the broker acknowledged none of."
+    );
+    describe_counter!(
+        CONSUMERS_REPLACED,
+        "Consumers the consume loop replaced, by reason: fenced, out_of_group."
     );
     describe_counter!(
         EVENTS_CONSUMED,
@@ -340,6 +346,11 @@ pub(crate) fn published<'a>(events: impl IntoIterator<Item = (&'a str, &'a str)>
 /// The relay replaced its producer.
 pub(crate) fn outbox_producer_replaced() {
     counter!(OUTBOX_PRODUCERS_REPLACED).increment(1);
+}
+
+/// The consume loop made a new consumer, for `reason`.
+pub(crate) fn consumer_replaced(reason: &'static str) {
+    counter!(CONSUMERS_REPLACED, "reason" => reason).increment(1);
 }
 
 /// Outbox rows not yet published.
