@@ -138,3 +138,88 @@ async fn instances_under_one_instance_id_fence_each_other_until_one_exits_non_ze
         "the second instance holds the place: {ids:?}"
     );
 }
+
+/// A consumer whose group join never completes is replaced by a new one
+/// (after `OUT_OF_GROUP_LIMIT`, 40 s), counted in
+/// `shop_consumers_replaced_total{reason="out_of_group"}`. The join is held
+/// open for real: a member that stops polling (a plain consumer here, with a
+/// five-minute rebalance timeout) never answers the rebalance the service's
+/// join starts, so the broker keeps the service's `JoinGroup` waiting, as
+/// the fault suite once saw a consumer never join again after a broker
+/// restart. Once that member leaves, the service's consumer is assigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_join_never_completes_is_replaced() {
+    let id = unique_id();
+    let url = create_database(format!("t_{id}_payments")).await;
+    let group = format!("t{id}-payment");
+    let kafka = test_kafka_config(&id, "payment");
+    common::kafka::ensure_topics(
+        &kafka,
+        &common::topics::ALL,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("topics");
+
+    // The member that holds every rebalance open: assigned, then silent
+    // (librdkafka heartbeats on its own thread, so its session lives on).
+    let holder: BaseConsumer = common::kafka::base_config(&kafka)
+        .set("group.id", &group)
+        .set("session.timeout.ms", "30000")
+        .set("max.poll.interval.ms", "300000")
+        .create()
+        .expect("holder");
+    holder
+        .subscribe(&[kafka.topic(common::topics::ORDERS).as_str()])
+        .expect("subscribe");
+    let holder = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        while holder.assignment().expect("assignment").count() == 0 {
+            assert!(
+                start.elapsed() < e2e::DEADLINE,
+                "the holder got no partitions"
+            );
+            let _ = holder.poll(Duration::from_millis(100));
+        }
+        holder
+    })
+    .await
+    .expect("holder task");
+
+    let payment = ServiceProcess::start("payment", &id, &url, &[]);
+    e2e::wait_serving(payment.grpc, "").await;
+    // Only a consumer left without an assignment for 40 s is replaced.
+    eventually("payment to replace its stuck consumer", || async {
+        payment
+            .log()
+            .contains("the group's join never completed")
+            .then_some(())
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{}/metrics", payment.metrics))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("shop_consumers_replaced_total{reason=\"out_of_group\"}")),
+        "the replacement is not counted:\n{metrics}"
+    );
+
+    // The holder leaves: the service's consumer takes the partitions.
+    tokio::task::spawn_blocking(move || drop(holder))
+        .await
+        .expect("close the holder");
+    let admin = admin(&id);
+    eventually("payment alone in a stable group", || async {
+        match describe(&admin, &group).await {
+            (state, ids) if state == "Stable" && ids.len() == 1 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    drop(payment);
+}
