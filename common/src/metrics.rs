@@ -16,7 +16,7 @@
 //! | [`EVENTS_PUBLISHED`] | counter | `topic`, `event_type` | the outbox relay, once the broker has the batch |
 //! | [`OUTBOX_PENDING`] | gauge | | outbox rows not yet published, counted by the relay at most once a second |
 //! | [`OUTBOX_PRODUCERS_REPLACED`] | counter | | the outbox relay replaced its producer after a round the broker acknowledged none of |
-//! | [`CONSUMERS_REPLACED`] | counter | `reason` (`fenced`, `out_of_group`) | the consume loop made a new consumer: a fenced static member, or one without an assignment for 40 s |
+//! | [`CONSUMERS_REPLACED`] | counter | `reason` (`fenced`, `out_of_group`) | the consume loop made a new consumer: a fenced static member, or one without an assignment for 30 s |
 //! | [`EVENTS_CONSUMED`] | counter | `topic`, `event_type`, `outcome` | the consume loop: applied, duplicate, `dead_lettered`, skipped |
 //! | [`CONSUMER_LAG`] | gauge | `topic`, `partition` | librdkafka statistics, every 5 s |
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
