@@ -186,7 +186,7 @@ async fn a_consumer_whose_join_never_completes_is_replaced() {
     .await
     .expect("holder task");
 
-    let payment = ServiceProcess::start("payment", &id, &url, &[]);
+    let mut payment = ServiceProcess::start("payment", &id, &url, &[]);
     e2e::wait_serving(payment.grpc, "").await;
     // Only a consumer left without an assignment for 30 s is replaced.
     eventually("payment to replace its stuck consumer", || async {
@@ -213,17 +213,9 @@ async fn a_consumer_whose_join_never_completes_is_replaced() {
     tokio::task::spawn_blocking(move || drop(holder))
         .await
         .expect("close the holder");
-    let admin = admin(&id);
-    eventually("payment alone in a stable group", || async {
-        match describe(&admin, &group).await {
-            (state, ids) if state == "Stable" && ids.len() == 1 => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    sole_member(&admin(&id), &group).await;
     // The replaced consumer is closed on a detached thread: nothing of it
     // keeps the service from stopping.
-    let mut payment = payment;
     let status = payment.terminate().await;
     assert!(
         status.success(),
