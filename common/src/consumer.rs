@@ -410,21 +410,15 @@ impl<H: EventHandler> ConsumeLoop<H> {
     /// Replaces the consumer by a new one under the same settings (and
     /// static instance id), counted under `reason` in
     /// [`metrics::CONSUMERS_REPLACED`]; false when it cannot be made. The
-    /// old one is closed on a thread of its own, detached: closing a
-    /// consumer whose group is stuck can wait forever, and the runtime's
-    /// blocking pool would make the service wait for it at exit (CI saw
-    /// inventory ignore SIGTERM so). Its stored but uncommitted offsets are
-    /// lost: those records are redelivered and dropped as duplicates.
+    /// old one is closed by [`kafka::close_detached`]: closing a consumer
+    /// whose group is stuck can wait forever. Its stored but uncommitted
+    /// offsets are lost: those records are redelivered and dropped as
+    /// duplicates.
     fn join_again(&mut self, reason: &'static str) -> bool {
         match subscribe(&self.kafka, &self.topics) {
             Ok(consumer) => {
                 let old = std::mem::replace(&mut self.consumer, consumer);
-                let closing = std::thread::Builder::new()
-                    .name("closing consumer".to_owned())
-                    .spawn(move || drop(old));
-                if let Err(e) = closing {
-                    tracing::warn!(error = %e, "no thread to close the old consumer on");
-                }
+                kafka::close_detached(old, "closing consumer");
                 metrics::consumer_replaced(reason);
                 true
             }

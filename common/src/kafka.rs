@@ -57,6 +57,21 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Destroys a librdkafka client (a consumer or producer being replaced) on a
+/// detached thread of its own, named `thread_name`. Its destroy waits for
+/// the client's broker threads and, for a consumer, for its group to let it
+/// leave, which can take forever when the group is stuck. Tokio's blocking
+/// pool would make the whole service wait for it at exit (CI saw inventory
+/// ignore SIGTERM so); a detached thread dies with the process.
+pub fn close_detached<C: Send + 'static>(client: C, thread_name: &str) {
+    let closing = std::thread::Builder::new()
+        .name(thread_name.to_owned())
+        .spawn(move || drop(client));
+    if let Err(e) = closing {
+        tracing::warn!(error = %e, thread = thread_name, "no thread to close a Kafka client on");
+    }
+}
+
 /// An idempotent producer: `acks=all` and `enable.idempotence` so that
 /// librdkafka's own retries never duplicate or reorder records of a
 /// partition. A small linger batches the outbox relay's rounds.

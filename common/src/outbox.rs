@@ -507,16 +507,21 @@ impl Relay {
     }
 
     /// Swaps in a new producer (see [`Relay`]). The old one's queue and
-    /// in-flight requests are purged, and it is destroyed off the runtime:
-    /// librdkafka's destroy waits for its broker threads.
+    /// in-flight requests are purged, and it is destroyed off the runtime by
+    /// [`kafka::close_detached`]: librdkafka's destroy waits for its broker
+    /// threads.
     fn replace_producer(&mut self) {
         match kafka::producer(&self.kafka) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut self.producer, fresh);
-                tokio::task::spawn_blocking(move || {
-                    old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-                    drop(old);
-                });
+                // Non-blocking: the destroy on the closing thread does the waiting.
+                old.purge(
+                    rdkafka::producer::PurgeConfig::default()
+                        .queue()
+                        .inflight()
+                        .non_blocking(),
+                );
+                kafka::close_detached(old, "closing producer");
                 crate::metrics::outbox_producer_replaced();
                 // The fault suite counts this line in the services' logs.
                 tracing::warn!(
