@@ -22,7 +22,7 @@
 //! | [`DB_POOL_CONNECTIONS`] | gauge | `state` (idle, active) | the service's pool, at each scrape |
 //! | [`ORDER_GROUP_SIZE`] | histogram | | order, `CreateOrder` requests per group-commit transaction |
 //! | [`ORDER_INTAKE_QUEUED`] | gauge | | order, `CreateOrder` requests waiting for a group-commit writer |
-//! | [`ORDERS_PENDING`] | gauge | | order, orders waiting to be decided (PENDING), read every 250 ms when `INTAKE_MAX_PENDING` is on |
+//! | [`ORDERS_PENDING`] | gauge | | order, orders waiting to be decided (PENDING), read every second when `INTAKE_MAX_PENDING` is on |
 //! | [`ORDER_INTAKE_STAGE_DURATION`] | histogram | `stage` (queue, write) | order, per request: waiting for a writer to take it; its group's transaction, connection wait included |
 //! | [`SET_BASED_RUNS`] | counter | `topic`, `side` (payment, inventory) | a run of `OrderCreated` a saga side applied in a few set-based statements ([`crate::saga`]) |
 //! | [`SET_BASED_EVENTS`] | counter | `topic`, `side` | the events of those runs; events / runs is the mean run size |
