@@ -7,6 +7,8 @@
 # usage: deploy/local/kafka.sh {install|start|stop|restart|status|kill|create-topics|delete-test-topics}
 #   env: KAFKA_VERSION (4.1.1), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093) (both + SHOP_PORT_OFFSET),
 #        KAFKA_TOPIC_PREFIX (""), KAFKA_PARTITIONS (6), SHOP_CACHE_DIR, SHOP_STATE_DIR
+# start waits for the group coordinator's loads too, and restarts the broker cleanly once when
+# one of them completed from a stale epoch (see coordinator_sound below).
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -261,6 +263,51 @@ all_partitions_led() {
   ! grep -q 'leader -1' <<<"$meta"
 }
 
+# stale_coordinator_loads FROM_LINE — the broker's group coordinator after an unclean stop.
+# Such a start changes every __consumer_offsets partition's leader epoch three times in well
+# under a second (the stale epoch the broker's own metadata still names, then fenced, then led
+# again), and Kafka 4.1.1 lets the load of the stale epoch complete the new epoch's loading:
+# the coordinator then serves a state out of step with its log, every write for that partition
+# fails ("New last written offset ... must be greater than ...", "No in-memory snapshot for
+# epoch 0") and the consumer groups on it can never join again (NOT_COORDINATOR) until the
+# broker restarts (BENCHMARKS.md, twelfth session). Prints "stale <partitions>" (empty when
+# none) and "pending <n>" (loads not yet completed) for this start's part of the log.
+stale_coordinator_loads() {
+  tail -n "+$1" "$KAFKA_LOG" | awk '
+    /Scheduling loading of metadata from __consumer_offsets-[0-9]+ with epoch/ {
+      p = partition(); sched[p] = epoch(); done[p] = 0
+    }
+    /Finished loading of metadata from __consumer_offsets-[0-9]+ with epoch/ {
+      p = partition(); if ((p in sched) && epoch() != sched[p]) stale[p] = 1; done[p] = 1
+    }
+    /(Ignored load completion from|Failed to load metadata from) __consumer_offsets-[0-9]+/ {
+      done[partition()] = 1
+    }
+    function partition() { match($0, /__consumer_offsets-[0-9]+/); return substr($0, RSTART + 19, RLENGTH - 19) }
+    function epoch() { match($0, /with epoch [0-9]+/); return substr($0, RSTART + 11, RLENGTH - 11) }
+    END {
+      s = ""; for (p in stale) s = s " " p
+      n = 0; for (p in sched) if (!done[p]) n++
+      printf "stale%s\npending %d\n", s, n
+    }'
+}
+
+# coordinator_sound FROM_LINE — waits (20 s at most) until every group-coordinator load of
+# this start has completed; false when one of them completed from a stale epoch.
+coordinator_sound() {
+  local deadline=$((SECONDS + 20)) report
+  while :; do
+    report="$(stale_coordinator_loads "$1")"
+    if [[ "$(sed -n 1p <<<"$report")" != stale ]]; then
+      log "group coordinator loaded __consumer_offsets partition(s)$(sed -n '1s/^stale//p' <<<"$report") from a stale epoch"
+      return 1
+    fi
+    [[ "$(sed -n 2p <<<"$report")" == "pending 0" ]] && return 0
+    ((SECONDS < deadline)) || return 0
+    sleep 0.5
+  done
+}
+
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +348,8 @@ cmd_start() {
   log "starting Kafka $KAFKA_VERSION (KRaft) on $KAFKA_BOOTSTRAP, log: $KAFKA_LOG"
   rotate_log "$KAFKA_LOG"
   printf '\n===== %s starting Kafka %s =====\n' "$(date -Is)" "$KAFKA_VERSION" >>"$KAFKA_LOG"
+  local from_line
+  from_line="$(wc -l <"$KAFKA_LOG")"
   # setsid: own session, so Ctrl-C or the caller's process group ending does not take it down.
   # fd 8/9 (locks) must not leak into the daemon, or the lock would be held for its lifetime.
   setsid nohup java -Xms256m -Xmx1g -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
@@ -319,6 +368,17 @@ cmd_start() {
   # start before that see LEADER_NOT_AVAILABLE, so wait until every partition has one.
   wait_for --pid "$pid" "a leader for every partition" 30 "$KAFKA_LOG" all_partitions_led ||
     die "Kafka is up but some partitions have no leader (log: $KAFKA_LOG)"
+  if ! coordinator_sound "$from_line"; then
+    if [[ -n "${KAFKA_COORDINATOR_RESTARTED:-}" ]]; then
+      die "the group coordinator loaded from a stale epoch again after a clean restart (log: $KAFKA_LOG)"
+    fi
+    # A clean stop and start loads each partition once, from its current epoch.
+    log "restarting Kafka cleanly so that its group coordinator loads again (a Kafka 4.1.1 race after an unclean stop)"
+    flock -u 9
+    cmd_stop
+    KAFKA_COORDINATOR_RESTARTED=1 cmd_start
+    return
+  fi
   log "Kafka up (pid $(cat "$KAFKA_PID")) on $KAFKA_BOOTSTRAP"
 }
 
