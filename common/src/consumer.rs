@@ -463,10 +463,13 @@ impl<H: EventHandler> ConsumeLoop<H> {
                     && out >= Self::OUT_OF_GROUP_LIMIT
                 {
                     // The fault suite counts this line in the services' logs.
+                    // Repeated, it can also mean a broker whose group
+                    // coordinator is broken (README, failure table).
                     tracing::warn!(
                         secs = out.as_secs(),
                         "no partitions assigned for this long: the group's join never \
-                         completed; joining again as a new consumer"
+                         completed; joining again as a new consumer (if this repeats, look \
+                         for group-coordinator errors in the broker's log)"
                     );
                     self.join_again("out_of_group");
                 }
